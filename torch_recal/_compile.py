@@ -72,6 +72,10 @@ def _is_compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
 
+def _build(fn: Callable[..., Any], options: dict[str, Any]) -> Callable[..., Any]:
+    return torch.compile(fn, **options)
+
+
 class _LazyCompiled:
     """A pure function plus its lazily built compiled twin (see the module docstring)."""
 
@@ -90,7 +94,7 @@ class _LazyCompiled:
         if _is_compiling() or not _enabled or self.failed:
             return self.fn(*args, **kwargs)
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, **self.options)
+            self.compiled = _build(self.fn, self.options)
         try:
             return self.compiled(*args, **kwargs)
         except Exception as err:  # compile failure: fall back once, loudly

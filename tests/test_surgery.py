@@ -1,0 +1,318 @@
+"""calibrate()/uncalibrate() on this library's ResNets and on generic models."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import torch_recal
+from tests.reference import forward_with_reference_calibration
+from torch_recal import ResponseCalibration, calibrate, is_calibrated, register_block, uncalibrate
+from torch_recal.models import BasicBlock, SqueezeExcite, resnet20
+
+
+def _randomise_calibrations(model: nn.Module, scale: float = 0.3) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ResponseCalibration):
+                for p in m.parameters():
+                    p.normal_(0.0, scale)
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, BasicBlock]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BasicBlock)]
+
+
+def test_calibrate_keeps_pretrained_keys():
+    plain = resnet20(num_classes=10)
+    checkpoint = plain.state_dict()
+    model = calibrate(copy.deepcopy(plain))
+    new_keys = set(model.state_dict()) - set(checkpoint)
+    assert set(checkpoint) <= set(model.state_dict())
+    assert new_keys and all(".calibration." in k for k in new_keys)
+    assert len(new_keys) == 6 * 9  # 9 blocks x (fc1, fc_mu, fc_logvar) x (weight, bias)
+    fresh = calibrate(resnet20(num_classes=10))
+    result = fresh.load_state_dict(checkpoint, strict=False)
+    assert set(result.missing_keys) == new_keys
+    assert result.unexpected_keys == []
+    # a calibrated checkpoint loads strictly into a freshly calibrated model
+    calibrate(resnet20(num_classes=10)).load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("randomise", [False, True])
+def test_calibrated_output_matches_formula(randomise):
+    plain = resnet20(num_classes=10).double().eval()
+    model = calibrate(copy.deepcopy(plain))
+    if randomise:  # moderate scale: tiny predicted sigmas would amplify round-off across blocks
+        _randomise_calibrations(model, scale=0.1)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    positions = {f"{n}.bn2": m.calibration for n, m in _blocks(model)}
+    expected = forward_with_reference_calibration(plain, x, positions)
+    with torch.no_grad():
+        out = model(x)
+        assert not torch.allclose(out, plain(x))  # calibration changes the function at init
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_calibrate_is_idempotent():
+    model = calibrate(resnet20())
+    keys, params = list(model.state_dict()), [id(p) for p in model.parameters()]
+    assert calibrate(model) is model
+    assert list(model.state_dict()) == keys
+    assert [id(p) for p in model.parameters()] == params
+
+
+def test_uncalibrate_restores_exactly():
+    plain = resnet20().eval()
+    keys = list(plain.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = plain(x)
+    model = uncalibrate(calibrate(plain))
+    assert model is plain and not is_calibrated(model)
+    assert list(model.state_dict()) == keys
+    for _, block in _blocks(model):
+        assert block.calibration is None and "calibration" not in block._modules
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_inplace_false_returns_a_copy_and_leaves_input_untouched():
+    plain = resnet20()
+    snapshot = {k: v.clone() for k, v in plain.state_dict().items()}
+    model = calibrate(plain, inplace=False)
+    assert model is not plain and is_calibrated(model) and not is_calibrated(plain)
+    assert list(plain.state_dict()) == list(snapshot)
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in snapshot.items())
+    uncal = uncalibrate(model, inplace=False)
+    assert is_calibrated(model) and not is_calibrated(uncal)
+
+
+def test_compiles_with_fullgraph_and_no_graph_break():
+    model = calibrate(resnet20()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    torch._dynamo.reset()
+
+
+def test_torch_export():
+    model = calibrate(resnet20()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_nothing_matched_says_what_it_looked_for():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"no residual block recognised.*torchvision"):
+        calibrate(model)
+    assert not is_calibrated(model)
+
+
+def _generic_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1), nn.GroupNorm(4, 12), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("by", ["names", "predicate"])
+def test_targets_on_a_generic_model(by):
+    plain = _generic_cnn().double().eval()
+    targets = (
+        ["1", "4"]
+        if by == "names"
+        else (lambda n, m: isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)))
+    )
+    model = calibrate(copy.deepcopy(plain), targets=targets, reduction=2)
+    _randomise_calibrations(model)
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[4], nn.GroupNorm)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    positions = {"1": model[1].calibration, "4": model[4].calibration}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x), forward_with_reference_calibration(plain, x, positions)
+        )
+    assert set(model.state_dict()) - set(plain.state_dict()) == {
+        f"{i}.calibration.{fc}.{p}"
+        for i in (1, 4)
+        for fc in ("fc1", "fc_mu", "fc_logvar")
+        for p in ("weight", "bias")
+    }
+    uncalibrate(model)
+    assert type(model[1]) is nn.BatchNorm2d and type(model[4]) is nn.GroupNorm
+
+
+class _TinyTokenModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, L, 4)
+        return self.head(self.norm(self.proj(x)).mean(1))
+
+
+def test_targets_layernorm_tokens_use_channel_last():
+    plain = _TinyTokenModel().double()
+    model = calibrate(copy.deepcopy(plain), targets=["norm"], reduction=2)
+    _randomise_calibrations(model)
+    assert model.norm.calibration.channel_dim == -1
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    expected = forward_with_reference_calibration(plain, x, {"norm": model.norm.calibration})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_bad_targets_raise_and_leave_model_untouched():
+    model = _generic_cnn()
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"targets \['nope'\] are not module names"):
+        calibrate(model, targets=["1", "nope"])
+    with pytest.raises(ValueError, match="selected no module"):
+        calibrate(model, targets=lambda n, m: False)
+    with pytest.raises(ValueError, match="cannot infer the channel count"):
+        calibrate(model, targets=["1", "2"])  # "2" is a ReLU: no channel count
+    with pytest.raises(TypeError, match="list of module names"):
+        calibrate(model, targets="1")
+    with pytest.raises(ValueError, match="reduction"):
+        calibrate(resnet20(), reduction=0)
+    assert list(model.state_dict()) == keys and not is_calibrated(model)
+    assert type(model[1]) is nn.BatchNorm2d
+
+
+def test_layer_kwargs_reach_the_inserted_layers():
+    model = calibrate(resnet20(), reduction=8, confidence="pdf", stats="static")
+    layers = [m for m in model.modules() if isinstance(m, ResponseCalibration)]
+    assert len(layers) == 9
+    assert all(layer.confidence == "pdf" and layer.stats == "static" for layer in layers)
+    assert all(layer.reduction == 8 for layer in layers)
+
+
+class _SlotBlock(nn.Module):
+    def __init__(self, se: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.attn = SqueezeExcite(8, reduction=2) if se else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm(self.conv(x))
+        if self.attn is not None:
+            out = self.attn(out)
+        return torch.relu(out + x)
+
+
+class _AfterBlock(_SlotBlock):
+    pass
+
+
+@pytest.fixture
+def registered():
+    register_block(_SlotBlock, slot="attn", channels=lambda b: b.norm.num_features)
+    register_block(_AfterBlock, after="norm")
+    yield
+    torch_recal.surgery._REGISTRY.pop(_SlotBlock)
+    torch_recal.surgery._REGISTRY.pop(_AfterBlock)
+
+
+def test_register_block_slot_fills_or_chains(registered):
+    plain = nn.Sequential(_SlotBlock(se=False), _SlotBlock(se=True)).double().eval()
+    model = calibrate(copy.deepcopy(plain), reduction=2)
+    _randomise_calibrations(model)
+    assert isinstance(model[0].attn, ResponseCalibration)  # empty slot filled
+    assert isinstance(model[1].attn, SqueezeExcite)  # occupied slot: chained after the SE
+    assert set(plain.state_dict()) <= set(model.state_dict())
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    positions = {"0.norm": model[0].attn, "1.attn": model[1].attn.calibration}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x), forward_with_reference_calibration(plain, x, positions)
+        )
+    uncalibrate(model)
+    assert model[0].attn is None and type(model[1].attn) is SqueezeExcite
+    assert list(model.state_dict()) == list(plain.state_dict())
+
+
+def test_register_block_after_and_subclass_match(registered):
+    # _AfterBlock subclasses _SlotBlock; its own registration ("after") wins via the MRO
+    model = calibrate(nn.Sequential(_AfterBlock(se=False)))
+    assert isinstance(model[0].norm.calibration, ResponseCalibration)
+
+
+def test_register_block_validates_arguments():
+    with pytest.raises(ValueError, match="exactly one"):
+        register_block(_SlotBlock)
+    with pytest.raises(ValueError, match="exactly one"):
+        register_block(_SlotBlock, after="norm", slot="attn")
+    with pytest.raises(TypeError, match="nn.Module class"):
+        register_block(int, after="norm")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="channels"):
+        register_block(_SlotBlock, slot="attn", channels=0)
+    assert _SlotBlock not in torch_recal.surgery._REGISTRY
+
+
+def test_optimizer_gets_a_param_group_for_new_parameters():
+    model = resnet20()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calibrate(model, optimizer=opt)
+    assert len(opt.param_groups) == 2
+    new = {id(p) for p in opt.param_groups[1]["params"]}
+    calib = {id(p) for m in model.modules() if isinstance(m, ResponseCalibration)
+             for p in m.parameters()}  # fmt: skip
+    assert new == calib
+
+
+def test_new_layers_follow_model_device_and_dtype():
+    model = calibrate(resnet20().double())
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    generic = calibrate(_generic_cnn().double(), targets=["1"])
+    assert generic[1].calibration.fc1.weight.dtype == torch.float64
+
+
+def test_pickle_and_deepcopy_of_swapped_modules():
+    model = calibrate(_generic_cnn(), targets=["1", "4"]).eval()
+    x = torch.randn(2, 3, 6, 6)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        torch.testing.assert_close(clone(x), model(x))
+    assert isinstance(loaded[1], nn.BatchNorm2d) and is_calibrated(loaded)
+    uncalibrate(loaded)
+    assert type(loaded[1]) is nn.BatchNorm2d
+
+
+def test_calibration_parameters_learn():
+    model = calibrate(resnet20(num_classes=4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    before = model.layer1[0].calibration.fc_mu.weight.detach().clone()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad for m in model.modules() if isinstance(m, ResponseCalibration)
+             for p in m.parameters()]  # fmt: skip
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    opt.step()
+    assert not torch.equal(model.layer1[0].calibration.fc_mu.weight, before)
+
+
+def test_models_builder_calibrated_equals_calibrate():
+    torch.manual_seed(1)
+    built = resnet20(calibrated=True)
+    assert isinstance(built.layer3[2].calibration, ResponseCalibration)
+    assert sum(isinstance(m, ResponseCalibration) for m in built.modules()) == 9
+    with pytest.raises(ValueError, match="depth"):
+        torch_recal.models.CifarResNet(21)
