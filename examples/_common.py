@@ -145,3 +145,56 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+def fit(
+    model: nn.Module,
+    data: Data,
+    args: argparse.Namespace,
+    *,
+    seed: int,
+    name: str,
+    lr: float = 0.1,
+    batch_size: int = 128,
+) -> dict:
+    """SGD (momentum 0.9, nesterov, wd 5e-4) with a one-cycle lr over ``args.epochs`` epochs.
+
+    Returns the final training loss, the test-accuracy curve (one point per epoch), the
+    training seconds and the parameter count.
+    """
+    model = model.to(args.device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps = args.epochs * ((len(data.train_y) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    curve, seconds, loss = [], 0.0, float("nan")
+    for epoch in range(args.epochs):
+        with Timer() as t:
+            loss = train_epoch(
+                model, data, opt, device=args.device, batch_size=batch_size,
+                seed=seed * 1000 + epoch, progress=not args.no_progress,
+                desc=f"{name} seed {seed} epoch {epoch + 1}/{args.epochs}", after_step=sched.step,
+            )  # fmt: skip
+        seconds += t.seconds
+        curve.append(accuracy(model, data.test_x, data.test_y, device=args.device))
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"loss": loss, "acc": curve[-1], "curve": curve, "seconds": seconds, "params": n_params}
+
+
+def plot_curves(
+    args: argparse.Namespace, results: dict[str, list[dict]], title: str, name: str
+) -> Path:
+    """Mean test-accuracy curve per method (one line each); returns the PNG path."""
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(5.5, 3.4))
+    for label, runs in results.items():
+        curves = torch.tensor([r["curve"] for r in runs])
+        ax.plot(range(1, curves.shape[1] + 1), curves.mean(0), marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = out_path(args, name)
+    fig.savefig(path, dpi=120)
+    pyplot.close(fig)
+    return path
