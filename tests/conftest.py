@@ -26,6 +26,8 @@ def _importable(name: str) -> bool:
 
 
 HAVE_VISION = _importable("torchvision") and _importable("timm")
+if os.environ.get("TORCH_RECAL_REQUIRE_VISION") == "1" and not HAVE_VISION:
+    raise RuntimeError("TORCH_RECAL_REQUIRE_VISION=1 but torchvision/timm cannot be imported")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

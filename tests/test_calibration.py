@@ -131,6 +131,22 @@ def test_gradcheck_functional_float64():
     )
 
 
+def test_double_backward_gradgradcheck_float64():
+    # GenerativeGradientLoss differentiates through gradients (create_graph=True)
+    u = torch.randn(2, 3, 4, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 4, 2, dtype=torch.float64, requires_grad=True)
+    mu = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    sigma = (torch.rand(2, 3, dtype=torch.float64) + 0.3).requires_grad_()
+    for conf in ("cdf", "pdf"):
+        assert torch.autograd.gradgradcheck(
+            lambda *a, c=conf: response_calibration_residual(*a, confidence=c, relu=False),
+            (u, x, mu, sigma),
+        )
+    assert torch.autograd.gradgradcheck(
+        lambda *a: response_calibration(*a, confidence="cdf"), (u, mu, (sigma * 1).detach())
+    )
+
+
 def test_gradcheck_module_parameters_float64():
     layer = ResponseCalibration(4, reduction=2, dtype=torch.float64)
     _randomise(layer, 0.3)

@@ -60,8 +60,12 @@ def test_set_compile_validates():
 def test_compiles_lazily_once(fake_compile):
     response_calibration(*_args())
     response_calibration(*_args())
-    assert [name for name, _ in fake_compile] == ["_calibration_kernel"]
-    assert fake_compile[0][1]["fullgraph"] is True
+    assert [name for name, _ in fake_compile] == ["_forward"]
+    u, mu, sigma = (t.requires_grad_() for t in _args())
+    for _ in range(2):
+        response_calibration(u, mu, sigma).sum().backward()
+    assert [name for name, _ in fake_compile] == ["_forward", "_backward"]
+    assert all(options["fullgraph"] is True for _, options in fake_compile)
 
 
 def test_disabled_policy_never_compiles(fake_compile):
