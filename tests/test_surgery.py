@@ -101,6 +101,18 @@ def test_compiles_with_fullgraph_and_no_graph_break():
     torch._dynamo.reset()
 
 
+def test_compiled_training_step_matches_eager_gradients():
+    model = calibrate(resnet20(num_classes=4))
+    x = torch.randn(4, 3, 16, 16)
+    torch.compile(model, backend="eager", fullgraph=True)(x).square().sum().backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for a, p in zip(compiled_grads, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
+    torch._dynamo.reset()
+
+
 def test_torch_export():
     model = calibrate(resnet20()).eval()
     x = torch.randn(2, 3, 16, 16)
