@@ -198,3 +198,15 @@ def plot_curves(
     fig.savefig(path, dpi=120)
     pyplot.close(fig)
     return path
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict]], title: str, plot: str) -> None:
+    """Print the standard results table of :func:`fit` runs and write the accuracy plot."""
+    rows = [
+        [name, f"{runs[0]['params']:,}", mean_std([r["loss"] for r in runs]),
+         mean_std([r["acc"] for r in runs]), f"{sum(r['seconds'] for r in runs) / len(runs):.0f}"]
+        for name, runs in results.items()
+    ]  # fmt: skip
+    print()
+    print_table(["model", "params", "final train loss", "test accuracy", "train s/run"], rows)
+    print(f"plot written to {plot_curves(args, results, title, plot)}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from _common import fit, get_data, mean_std, parser, plot_curves, print_table
+from _common import fit, get_data, parser, report
 
 from torch_recal import calibrate
 from torch_recal.models import resnet20
@@ -33,15 +33,7 @@ def main() -> None:
         model = calibrate(copy.deepcopy(base))  # <- the one-line change
         results["ResNet-20 + calibrate()"].append(fit(model, data, args, seed=seed, name="calib"))
 
-    rows = [
-        [name, f"{runs[0]['params']:,}", mean_std([r["loss"] for r in runs]),
-         mean_std([r["acc"] for r in runs]), f"{sum(r['seconds'] for r in runs) / len(runs):.0f}"]
-        for name, runs in results.items()
-    ]  # fmt: skip
-    print()
-    print_table(["model", "params", "final train loss", "test accuracy", "train s/run"], rows)
-    path = plot_curves(args, results, f"{data.name}, {len(data.train_y)} train", "quickstart.png")
-    print(f"plot written to {path}")
+    report(args, results, f"{data.name}, {len(data.train_y)} train", "quickstart.png")
 
 
 if __name__ == "__main__":

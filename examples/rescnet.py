@@ -12,7 +12,7 @@ Prints a table and writes ``outputs/rescnet.png``.
 from __future__ import annotations
 
 import torch
-from _common import fit, get_data, mean_std, parser, plot_curves, print_table
+from _common import fit, get_data, parser, report
 
 from torch_recal.models import CifarResNet
 
@@ -37,16 +37,7 @@ def main() -> None:
             torch.manual_seed(seed)  # same conv/fc init for every variant of a seed
             model = CifarResNet(args.depth, num_classes=data.num_classes, in_chans=1, **kwargs)
             results[name].append(fit(model, data, args, seed=seed, name=name))
-    rows = [
-        [name, f"{runs[0]['params']:,}", mean_std([r["acc"] for r in runs]),
-         f"{100 * (1 - sum(r['acc'] for r in runs) / len(runs)):.2f}",
-         f"{sum(r['seconds'] for r in runs) / len(runs):.0f}"]
-        for name, runs in results.items()
-    ]  # fmt: skip
-    print()
-    print_table(["model", "params", "test accuracy", "error %", "train s/run"], rows)
-    path = plot_curves(args, results, f"{data.name}, {args.seeds} seeds", "rescnet.png")
-    print(f"plot written to {path}")
+    report(args, results, f"{data.name}, {args.seeds} seeds", "rescnet.png")
 
 
 if __name__ == "__main__":
