@@ -6,6 +6,8 @@ https://arxiv.org/abs/2411.13582 (official code: https://github.com/tcmyxc/ResCN
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from einops import reduce
 from torch import Tensor, nn
@@ -94,7 +96,7 @@ class ResponseCalibration(nn.Module):
         self.confidence = confidence
         self.stats = stats
         self.channel_dim = channel_dim
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if stats == "predicted":
             hidden = max(1, channels // reduction)
             self.fc1 = nn.Linear(channels, hidden, **factory)
@@ -141,8 +143,10 @@ class ResponseCalibration(nn.Module):
     def statistics(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(mu, sigma)`` for ``u``: shape ``(N, C)`` (predicted) or ``(C,)``."""
         self._check_input(u)
+        mu: Tensor
+        logvar: Tensor
         if self.stats == "fixed":
-            return self.mu, self.sigma
+            return self.mu, self.sigma  # type: ignore[return-value]
         if self.stats == "static":
             mu, logvar = self.mu, self.logvar
         else:

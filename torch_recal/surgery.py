@@ -19,9 +19,10 @@ Paper: Xu et al., https://arxiv.org/abs/2411.13582
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -53,18 +54,21 @@ class _BlockPolicy:
         return _infer_channels(target, type(block).__name__)
 
 
+def _norm_width(attr: str) -> Callable[[nn.Module], int]:
+    def channels(block: nn.Module) -> int:
+        return int(getattr(getattr(block, attr), "num_features"))  # noqa: B009
+
+    return channels
+
+
 # Built-in policies, keyed by (module, class name) so torchvision/timm are never imported.
 _BUILTIN: dict[tuple[str, str], _BlockPolicy] = {
     ("torchvision.models.resnet", "BasicBlock"): _BlockPolicy(after="bn2"),
     ("torchvision.models.resnet", "Bottleneck"): _BlockPolicy(after="bn3"),
-    ("timm.models.resnet", "BasicBlock"): _BlockPolicy(
-        slot="se", channels=lambda b: b.bn2.num_features
-    ),
-    ("timm.models.resnet", "Bottleneck"): _BlockPolicy(
-        slot="se", channels=lambda b: b.bn3.num_features
-    ),
+    ("timm.models.resnet", "BasicBlock"): _BlockPolicy(slot="se", channels=_norm_width("bn2")),
+    ("timm.models.resnet", "Bottleneck"): _BlockPolicy(slot="se", channels=_norm_width("bn3")),
     ("torch_recal.models", "BasicBlock"): _BlockPolicy(
-        slot="calibration", channels=lambda b: b.bn2.num_features
+        slot="calibration", channels=_norm_width("bn2")
     ),
 }
 _REGISTRY: dict[type, _BlockPolicy] = {}
@@ -168,8 +172,7 @@ def _calibrated_class(base: type[nn.Module]) -> type:
 
 
 def _new_calibrated(base: type[nn.Module]) -> nn.Module:
-    cls = _calibrated_class(base)
-    return cls.__new__(cls)
+    return cast(nn.Module, object.__new__(_calibrated_class(base)))
 
 
 def _attach_after(module: nn.Module, calibration: nn.Module) -> None:
@@ -205,7 +208,7 @@ def _default_channel_dim(module: nn.Module) -> int:
 
 
 def _factory_kwargs(module: nn.Module) -> dict[str, Any]:
-    tensor = next(module.parameters(), None)
+    tensor: torch.Tensor | None = next(module.parameters(), None)
     if tensor is None:
         tensor = next(module.buffers(), None)
     if tensor is None or not tensor.is_floating_point():
@@ -338,7 +341,7 @@ def _plan_blocks(
                 continue
             channels = policy.target_channels(block, target)
             layer = _make(channels, reduction, layer_kwargs, block, 1)
-            edits.append(lambda t=target, c=layer: _attach_after(t, c))
+            edits.append(functools.partial(_attach_after, target, layer))
         else:
             slot = policy.slot
             assert slot is not None
@@ -352,9 +355,9 @@ def _plan_blocks(
             channels = policy.target_channels(block, None)
             layer = _make(channels, reduction, layer_kwargs, block, 1)
             if occupant is None or isinstance(occupant, nn.Identity):
-                edits.append(lambda b=block, s=slot, c=layer, o=occupant: _fill_slot(b, s, c, o))
+                edits.append(functools.partial(_fill_slot, block, slot, layer, occupant))
             else:
-                edits.append(lambda t=occupant, c=layer: _attach_after(t, c))
+                edits.append(functools.partial(_attach_after, occupant, layer))
         new_params.extend(layer.parameters())
     return recognised
 
@@ -365,7 +368,7 @@ def _fill_slot(block: nn.Module, slot: str, layer: nn.Module, occupant: nn.Modul
     elif slot in block.__dict__:
         del block.__dict__[slot]
     setattr(block, slot, layer)
-    block._recal_filled_slot = (slot, occupant)
+    block.__dict__["_recal_filled_slot"] = (slot, occupant)  # plain attribute, not a child
 
 
 def _plan_targets(
@@ -397,7 +400,7 @@ def _plan_targets(
             continue
         channels = _infer_channels(target, name)
         layer = _make(channels, reduction, layer_kwargs, target, _default_channel_dim(target))
-        edits.append(lambda t=target, c=layer: _attach_after(t, c))
+        edits.append(functools.partial(_attach_after, target, layer))
         new_params.extend(layer.parameters())
 
 
