@@ -189,6 +189,7 @@ def plot_curves(
     for label, runs in results.items():
         curves = torch.tensor([r["curve"] for r in runs])
         ax.plot(range(1, curves.shape[1] + 1), curves.mean(0), marker="o", label=label)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
