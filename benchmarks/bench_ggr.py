@@ -1,8 +1,9 @@
 """Cost of GenerativeGradientLoss: a CE + GGR step vs a plain CE step on the same model.
 
-Prints the mean step time (over a whole number of ``every`` cycles) (forward, backward, SGD step) of plain cross-entropy and of
-CE + GGR at ``every=1`` and ``every=4`` (the reference decoder's gradient included), their
-ratio to the plain step, and the ratio of peak memory: on CUDA ``max_memory_allocated``; on
+Prints the mean step time (forward, backward, SGD step; over whole ``every`` cycles, with the
+modes interleaved) of plain cross-entropy and of CE + GGR at ``every=1`` and ``every=4`` (the
+reference decoder's gradient included), their ratio to the plain step, and the ratio of peak
+memory: on CUDA ``max_memory_allocated``; on
 CPU the peak bytes of tensors saved for backward (the autograd graph, which is what double
 backprop enlarges), measured with ``torch.autograd.graph.saved_tensors_hooks``.
 
