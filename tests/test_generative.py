@@ -93,7 +93,7 @@ def test_cosine_is_zero_when_parallel_two_when_opposite_and_scale_invariant() ->
         g = torch.as_tensor(_fd_grad(lambda w: _ce(w, w2, x, y), w1))
 
     def term(ref: torch.Tensor) -> float:
-        return GenerativeGradientLoss(w1, ref)(_ce(w1, w2, x, y), x).item()
+        return GenerativeGradientLoss(w1, ref, weight=1.0)(_ce(w1, w2, x, y), x).item()
 
     assert term(5.0 * g) == pytest.approx(0.0, abs=1e-8)
     assert term(-0.01 * g) == pytest.approx(2.0, abs=1e-8)
@@ -235,7 +235,7 @@ def test_bad_constructor_arguments_raise_clear_errors() -> None:
     ggr = GenerativeGradientLoss(w1, ref)
     with pytest.raises(ValueError, match="weight"):
         ggr.weight = -1.0
-    assert ggr.weight == 1.0
+    assert ggr.weight == 0.1
 
 
 def test_bad_call_arguments_raise_and_leave_state_unchanged() -> None:
