@@ -19,7 +19,7 @@ the distributed semantics) is this library's choice, exposed as an option with a
     term  = weight * D(g_cls, g_ref)      D: "cosine" (1 - cos), "l2" (mean squared
                                           difference) or "l1" (mean absolute difference)
 
-Under ``torch.distributed`` (DDP/FSDP) the term equals the one a single process computes over
+Under ``torch.distributed`` (DDP) the term equals the one a single process computes over
 the global batch (see :class:`GenerativeGradientLoss`).
 """
 
@@ -408,9 +408,10 @@ class GenerativeGradientLoss:
     reference used is an exponential moving average over the applied steps,
     ``r <- beta * r + (1 - beta) * g_ref`` (the first applied step sets ``r = g_ref``).
 
-    Distributed (DDP/FSDP, ``sync=True``, the default when ``torch.distributed`` is
-    initialised): ``g_cls`` and ``g_ref`` are averaged over ranks before ``D``, so with equal
-    per-rank batch sizes and a ``task_loss`` that is a batch mean, the term and the reference
+    Distributed (DDP, ``sync=True``, the default when ``torch.distributed`` is initialised;
+    FSDP, whose sharded parameters need ``use_orig_params``-style access, is untested):
+    ``g_cls`` and ``g_ref`` are averaged over ranks before ``D``, so with equal per-rank batch
+    sizes and a ``task_loss`` that is a batch mean, the term and the reference
     on every rank equal a single-process run over the global batch. The term's backward
     passes the gradient straight through the average (identity), so after DDP averages the
     parameter gradients over ranks they too equal the single-process ones. Use
