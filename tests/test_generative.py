@@ -102,6 +102,17 @@ def test_cosine_is_zero_when_parallel_two_when_opposite_and_scale_invariant() ->
     assert term(7.3 * other) == pytest.approx(term(other), rel=1e-12)
 
 
+def test_fixed_reference_needs_no_batch_and_is_cast_to_the_target_dtype() -> None:
+    w1, w2, x, y = _tiny(6)
+    ref32 = torch.randn(w1.shape, dtype=torch.float32)
+    term = GenerativeGradientLoss(w1, ref32, weight=1.0)(_ce(w1, w2, x, y))  # no x needed
+    assert term.dtype == torch.float64
+    with torch.no_grad():
+        g_fd = _fd_grad(lambda w: _ce(w, w2, x, y), w1)
+    expected = _hand_discrepancy(g_fd, ref32.double().numpy(), "cosine")
+    assert term.item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_discrepancy_fn_hand_values() -> None:
     a = torch.tensor([3.0, 4.0])
     b = torch.tensor([4.0, -3.0])  # orthogonal

@@ -309,8 +309,8 @@ class ReferenceDecoder(nn.Module):
             >>> from torch import nn
             >>> from torch_recal import ReferenceDecoder
             >>> dec = ReferenceDecoder.for_layer(nn.Conv2d(1, 4, 3, padding=1))
-            >>> batches = [torch.randn(8, 1, 12, 12) for _ in range(4)]
-            >>> losses = dec.fit(batches, epochs=3, lr=1e-2)
+            >>> batches = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+            >>> losses = dec.fit(batches, epochs=3, lr=3e-2)
             >>> len(losses), losses[-1] < losses[0]
             (3, True)
         """
