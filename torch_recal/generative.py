@@ -437,6 +437,11 @@ class GenerativeGradientLoss:
         eps: floor of the norm product in the cosine.
         sync: average over ranks under ``torch.distributed`` (default True; a no-op alone).
 
+    Attributes:
+        step: number of calls so far (applied or skipped); saved by :meth:`state_dict`.
+        reference_ema: the running average of the reference (``ema`` set), else ``None``.
+        last_reference: the reference used on the last applied step (after sync and EMA).
+
     Example:
         >>> import torch
         >>> from torch import nn
