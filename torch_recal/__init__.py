@@ -1,20 +1,32 @@
 """torch-recal: five published training tricks as drop-in pieces for your own PyTorch models.
 
 * :class:`ResponseCalibration`, :func:`calibrate` (ResCNet, arXiv 2411.13582)
+* :class:`GenerativeGradientLoss`, :class:`ReferenceDecoder`, :func:`first_layer_filter_stats`
+  (GGR, Reza & Jung, IEEE Access 2025, doi 10.1109/ACCESS.2025.3534216)
 """
 
 from torch_recal import functional, models
 from torch_recal._compile import compile_enabled, set_compile
 from torch_recal.calibration import ResponseCalibration
+from torch_recal.generative import (
+    FilterStats,
+    GenerativeGradientLoss,
+    ReferenceDecoder,
+    first_layer_filter_stats,
+)
 from torch_recal.surgery import calibrate, is_calibrated, register_block, uncalibrate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FilterStats",
+    "GenerativeGradientLoss",
+    "ReferenceDecoder",
     "ResponseCalibration",
     "__version__",
     "calibrate",
     "compile_enabled",
+    "first_layer_filter_stats",
     "functional",
     "is_calibrated",
     "models",

@@ -1,0 +1,135 @@
+"""Cost of GenerativeGradientLoss: a CE + GGR step vs a plain CE step on the same model.
+
+Prints the mean step time (forward, backward, SGD step; over whole ``every`` cycles, with the
+modes interleaved) of plain cross-entropy and of CE + GGR at ``every=1`` and ``every=4`` (the
+reference decoder's gradient included), their ratio to the plain step, and the ratio of peak
+memory: on CUDA ``max_memory_allocated``; on
+CPU the peak bytes of tensors saved for backward (the autograd graph, which is what double
+backprop enlarges), measured with ``torch.autograd.graph.saved_tensors_hooks``.
+
+Targets (issue #7): <= 2.5x at every=1, <= 1.4x at every=4.
+
+    python benchmarks/bench_ggr.py                    # ResNet-20, 1x28x28, batch 128, CPU
+    python benchmarks/bench_ggr.py --device cuda --batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.nn import functional as F
+
+from torch_recal import GenerativeGradientLoss, ReferenceDecoder
+from torch_recal.models import resnet20
+
+
+class _SavedBytes:
+    """Peak bytes of distinct storages saved for backward while active (CPU memory proxy)."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, int] = {}
+        self.peak = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        self.live[storage.data_ptr()] = storage.nbytes()
+        self.peak = max(self.peak, sum(self.live.values()))
+        return t
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_step(mode: str, args: argparse.Namespace):
+    """A closure running one training step of ``mode``, and its GGR object (or None)."""
+    torch.manual_seed(0)
+    device = args.device
+    model = resnet20(in_chans=1).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(args.batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    ggr = None
+    if mode != "plain":
+        every = int(mode.split("=")[1])
+        decoder = ReferenceDecoder.for_layer(model.conv1)
+        ggr = GenerativeGradientLoss(model.conv1.weight, decoder, weight=1.0, every=every)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        if ggr is not None:
+            loss = loss + ggr(loss, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, ggr
+
+
+def peak_memory(step, ggr, device: str) -> float:
+    """Peak over one full ``every`` cycle."""
+    cycle = 1 if ggr is None else ggr.every
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(cycle):
+            step()
+        return float(torch.cuda.max_memory_allocated())
+    peak = 0.0
+    for _ in range(cycle):
+        meter = _SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            step()
+        peak = max(peak, float(meter.peak))
+    return peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=24, help="timed steps per mode (a multiple of 4)")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"ResNet-20 (in_chans=1), batch {args.batch} x 1x28x28, device {args.device}, "
+        f"threads {torch.get_num_threads()}, torch {torch.__version__}, mean of {args.steps} steps"
+    )
+    modes = ["plain", "every=1", "every=4"]
+    steps = {m: make_step(m, args) for m in modes}
+    for step, _ in steps.values():
+        for _ in range(args.warmup):
+            step()
+    # Interleaved (round robin), so drifting machine load hits every mode alike.
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.steps):
+        for m in modes:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            steps[m][0]()
+            _sync(args.device)
+            times[m].append(time.perf_counter() - t0)
+    results = {m: (statistics.fmean(times[m]), peak_memory(*steps[m], args.device)) for m in modes}
+    base_t, base_m = results["plain"]
+    mem = "peak CUDA memory" if args.device.startswith("cuda") else "peak saved-for-backward"
+    print(f"| step | time (ms) | time ratio | {mem} (MiB) | memory ratio |")
+    print("|---|---|---|---|---|")
+    for m in modes:
+        t, mb = results[m]
+        name = "CE" if m == "plain" else f"CE + GGR ({m})"
+        print(
+            f"| {name} | {1e3 * t:.1f} | {t / base_t:.2f}x | {mb / 2**20:.1f} | "
+            f"{mb / base_m:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""Tests for GenerativeGradientLoss, ReferenceDecoder and first_layer_filter_stats (GGR)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tests.distributed import run_distributed
+from torch_recal import (
+    GenerativeGradientLoss,
+    ReferenceDecoder,
+    first_layer_filter_stats,
+)
+from torch_recal.generative import discrepancy_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------
+# A tiny float64 network written with functional ops, so its parameters can be gradchecked.
+
+
+def _tiny(seed: int = 0, dtype: torch.dtype = torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(2, 1, 3, 3, generator=g, dtype=dtype).requires_grad_()
+    w2 = (0.5 * torch.randn(3, 8, generator=g, dtype=dtype)).requires_grad_()
+    x = torch.randn(4, 1, 4, 4, generator=g, dtype=dtype)
+    y = torch.tensor([0, 1, 2, 1])
+    return w1, w2, x, y
+
+
+def _ce(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    h = torch.tanh(F.conv2d(x, w1)).flatten(1)
+    return F.cross_entropy(F.linear(h, w2), y)
+
+
+def _fd_grad(fn, w: torch.Tensor, h: float = 1e-6) -> np.ndarray:
+    """Central finite differences of a scalar function of ``w`` (independent of autograd)."""
+    base = w.detach().clone()
+    out = np.zeros(base.numel())
+    flat = base.view(-1)
+    for i in range(flat.numel()):
+        plus, minus = base.clone(), base.clone()
+        plus.view(-1)[i] += h
+        minus.view(-1)[i] -= h
+        out[i] = (float(fn(plus)) - float(fn(minus))) / (2 * h)
+    return out.reshape(base.shape)
+
+
+def _hand_discrepancy(a: np.ndarray, b: np.ndarray, kind: str) -> float:
+    a, b = a.ravel(), b.ravel()
+    if kind == "cosine":
+        return 1.0 - float(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
+    if kind == "l2":
+        return float(np.mean((a - b) ** 2))
+    return float(np.mean(np.abs(a - b)))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "l2", "l1"])
+def test_term_value_matches_finite_difference_gradient_and_hand_formula(kind: str) -> None:
+    w1, w2, x, y = _tiny()
+    ref = torch.randn(w1.shape, dtype=torch.float64) * 0.1
+    ggr = GenerativeGradientLoss(w1, ref, discrepancy=kind, weight=0.3)
+    term = ggr(_ce(w1, w2, x, y), x)
+    with torch.no_grad():
+        g_fd = _fd_grad(lambda w: _ce(w, w2, x, y), w1)
+    expected = 0.3 * _hand_discrepancy(g_fd, ref.numpy(), kind)
+    assert term.item() == pytest.approx(expected, rel=1e-6, abs=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "l2", "l1"])
+def test_term_gradient_passes_gradcheck(kind: str) -> None:
+    w1, w2, x, y = _tiny(1)
+    ref = torch.randn(w1.shape, dtype=torch.float64) * 0.1
+    ggr = GenerativeGradientLoss(w1, ref, discrepancy=kind, weight=2.0)
+
+    def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return ggr(_ce(a, b, x, y), x)
+
+    assert torch.autograd.gradcheck(fn, (w1, w2), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+def test_cosine_is_zero_when_parallel_two_when_opposite_and_scale_invariant() -> None:
+    w1, w2, x, y = _tiny(2)
+    with torch.no_grad():
+        g = torch.as_tensor(_fd_grad(lambda w: _ce(w, w2, x, y), w1))
+
+    def term(ref: torch.Tensor) -> float:
+        return GenerativeGradientLoss(w1, ref, weight=1.0)(_ce(w1, w2, x, y), x).item()
+
+    assert term(5.0 * g) == pytest.approx(0.0, abs=1e-8)
+    assert term(-0.01 * g) == pytest.approx(2.0, abs=1e-8)
+    other = torch.randn(w1.shape, dtype=torch.float64)
+    assert 0.05 < term(other) < 1.95
+    assert term(7.3 * other) == pytest.approx(term(other), rel=1e-12)
+
+
+def test_fixed_reference_needs_no_batch_and_is_cast_to_the_target_dtype() -> None:
+    w1, w2, x, y = _tiny(6)
+    ref32 = torch.randn(w1.shape, dtype=torch.float32)
+    term = GenerativeGradientLoss(w1, ref32, weight=1.0)(_ce(w1, w2, x, y))  # no x needed
+    assert term.dtype == torch.float64
+    with torch.no_grad():
+        g_fd = _fd_grad(lambda w: _ce(w, w2, x, y), w1)
+    expected = _hand_discrepancy(g_fd, ref32.double().numpy(), "cosine")
+    assert term.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_discrepancy_fn_hand_values() -> None:
+    a = torch.tensor([3.0, 4.0])
+    b = torch.tensor([4.0, -3.0])  # orthogonal
+    assert discrepancy_fn(a, b, "cosine").item() == pytest.approx(1.0)
+    assert discrepancy_fn(a, b, "l2").item() == pytest.approx((1 + 49) / 2)
+    assert discrepancy_fn(a, b, "l1").item() == pytest.approx((1 + 7) / 2)
+    assert discrepancy_fn(torch.zeros(2), b, "cosine").item() == pytest.approx(1.0)
+
+
+def test_term_backward_reaches_every_parameter_through_double_backprop() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
+    x, y = torch.randn(5, 1, 6, 6), torch.tensor([0, 1, 2, 0, 1])
+    ggr = GenerativeGradientLoss(model[0].weight, torch.randn(4, 1, 3, 3))
+    loss = F.cross_entropy(model(x), y)
+    term = ggr(loss, x)
+    term.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_every_applies_on_exactly_the_right_steps_and_skips_build_no_graph() -> None:
+    w1, w2, x, y = _tiny(3)
+    calls = []
+
+    def reference(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch)
+        return torch.ones(w1.shape, dtype=torch.float64)
+
+    ggr = GenerativeGradientLoss(w1, reference, every=3)
+    applied = []
+    for step in range(8):
+        assert ggr.will_apply() == (step % 3 == 0)
+        term = ggr(_ce(w1, w2, x, y), x)
+        if term.requires_grad:
+            applied.append(step)
+            assert term.item() > 0
+        else:
+            assert term.grad_fn is None
+            assert term.item() == 0.0
+            assert term.dim() == 0
+    assert applied == [0, 3, 6]
+    assert len(calls) == 3  # the reference is not computed on skipped steps
+    assert ggr.step == 8
+
+
+def test_ema_follows_hand_formula_over_applied_steps() -> None:
+    w1, w2, x, y = _tiny(4)
+    refs = [torch.randn(w1.shape, dtype=torch.float64) for _ in range(3)]
+    it = iter(refs)
+    ggr = GenerativeGradientLoss(w1, lambda _x: next(it), ema=0.75, every=2)
+    for _ in range(5):  # applied on calls 0, 2, 4
+        ggr(_ce(w1, w2, x, y), x)
+    r0, r1, r2 = refs
+    expected = 0.75 * (0.75 * r0 + 0.25 * r1) + 0.25 * r2
+    torch.testing.assert_close(ggr.last_reference, expected)
+
+
+def test_state_dict_round_trip_resumes_like_an_uninterrupted_run() -> None:
+    w1, w2, x, y = _tiny(5)
+    refs = [torch.randn(w1.shape, dtype=torch.float64) for _ in range(8)]
+
+    def make() -> GenerativeGradientLoss:
+        counter = {"i": 0}
+
+        def reference(_x: torch.Tensor) -> torch.Tensor:
+            counter["i"] += 1
+            return refs[counter["i"] - 1]
+
+        return GenerativeGradientLoss(w1, reference, ema=0.5, every=2)
+
+    full = make()
+    values = [full(_ce(w1, w2, x, y), x).item() for _ in range(8)]
+
+    first = make()
+    for _ in range(3):
+        first(_ce(w1, w2, x, y), x)
+    state = first.state_dict()
+    assert isinstance(state["step"], int)
+    assert state["step"] == 3
+    assert isinstance(state["reference_ema"], torch.Tensor)
+    assert all(v is None or isinstance(v, (int, float, str, torch.Tensor)) for v in state.values())
+    resumed = make()
+    resumed.reference = (lambda it: lambda _x: next(it))(iter(refs[2:]))
+    resumed.load_state_dict(state)
+    rest = [resumed(_ce(w1, w2, x, y), x).item() for _ in range(5)]
+    assert rest == pytest.approx(values[3:], rel=1e-12)
+
+
+def test_load_state_dict_rejects_bad_state_and_changes_nothing() -> None:
+    w1, *_ = _tiny()
+    ggr = GenerativeGradientLoss(w1, torch.ones_like(w1.detach()), every=2)
+    with pytest.raises(ValueError, match="reference_ema"):
+        ggr.load_state_dict({"step": 5, "reference_ema": torch.zeros(3)})
+    with pytest.raises(ValueError, match="step"):
+        ggr.load_state_dict({"step": -1})
+    assert ggr.step == 0
+    assert ggr.reference_ema is None
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_bad_constructor_arguments_raise_clear_errors() -> None:
+    w1, *_ = _tiny()
+    ref = torch.zeros(w1.shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match="weight"):
+        GenerativeGradientLoss(w1, ref, weight=-0.1)
+    with pytest.raises(ValueError, match="shape"):
+        GenerativeGradientLoss(w1, torch.zeros(2, 1, 5, 5))
+    with pytest.raises(ValueError, match="leaf"):
+        GenerativeGradientLoss(w1 * 2, ref)
+    with pytest.raises(ValueError, match="requires_grad"):
+        GenerativeGradientLoss(w1.detach(), ref)
+    with pytest.raises(TypeError, match="target"):
+        GenerativeGradientLoss(nn.Conv2d(1, 2, 3), ref)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="discrepancy"):
+        GenerativeGradientLoss(w1, ref, discrepancy="kl")
+    with pytest.raises(ValueError, match="every"):
+        GenerativeGradientLoss(w1, ref, every=0)
+    with pytest.raises(ValueError, match="ema"):
+        GenerativeGradientLoss(w1, ref, ema=1.0)
+    with pytest.raises(TypeError, match="reference"):
+        GenerativeGradientLoss(w1, 3.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="weight shape"):
+        GenerativeGradientLoss(w1, ReferenceDecoder(1, 3, 3))
+    ggr = GenerativeGradientLoss(w1, ref)
+    with pytest.raises(ValueError, match="weight"):
+        ggr.weight = -1.0
+    assert ggr.weight == 0.1
+
+
+def test_bad_call_arguments_raise_and_leave_state_unchanged() -> None:
+    w1, w2, x, y = _tiny()
+    other = torch.randn(w1.shape, dtype=torch.float64, requires_grad=True)
+    ggr = GenerativeGradientLoss(w1, lambda _x: torch.zeros(3, 3), ema=0.9)
+    per_sample = F.cross_entropy(F.linear(x.flatten(1)[:, :8], w2), y, reduction="none")
+    with pytest.raises(ValueError, match="scalar"):
+        ggr(per_sample, x)
+    with pytest.raises(ValueError, match="require grad"):
+        ggr(_ce(w1, w2, x, y).detach(), x)
+    with pytest.raises(ValueError, match=r"expected a tensor of the target's shape"):
+        ggr(_ce(w1, w2, x, y), x)
+    assert ggr.step == 0
+    assert ggr.reference_ema is None
+    ggr.reference = lambda _x: torch.zeros(w1.shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match="does not depend on `target`"):
+        ggr(_ce(other, w2, x, y), x)  # the loss never used w1
+    with pytest.raises(ValueError, match="`x`"):
+        ggr(_ce(w1, w2, x, y))
+    assert ggr.step == 0
+    assert ggr.reference_ema is None
+
+
+# ------------------------------------------------------------------------------------------
+# ReferenceDecoder and filter stats
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "size"),
+    [(3, 1, 1, 12), (7, 2, 3, 33), (4, 2, 1, 16), (5, 3, 0, 20)],
+)
+def test_decoder_last_layer_mirrors_conv_and_reconstructs_input_shape(
+    kernel: int, stride: int, padding: int, size: int
+) -> None:
+    conv = nn.Conv2d(3, 6, kernel, stride, padding, bias=False)
+    dec = ReferenceDecoder.for_layer(conv, hidden=4)
+    assert isinstance(dec.out, nn.ConvTranspose2d)
+    assert dec.out.weight.shape == conv.weight.shape
+    assert dec.out.kernel_size == conv.kernel_size
+    assert dec.out.stride == conv.stride
+    assert dec.out.padding == conv.padding
+    x = torch.randn(2, 3, size, size + 1)
+    assert dec(x).shape == x.shape
+    assert dec.gradient(x).shape == conv.weight.shape
+
+
+def test_decoder_gradient_matches_finite_differences_and_leaves_grads_alone() -> None:
+    conv = nn.Conv2d(1, 2, 3, padding=1)
+    dec = ReferenceDecoder.for_layer(conv, hidden=3, dtype=torch.float64)
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    g = dec.gradient(x)
+    assert all(p.grad is None for p in dec.parameters())
+    weight = dec.out.weight
+
+    def rec_loss(w: torch.Tensor) -> torch.Tensor:
+        h = dec.decoder(dec.encoder(x))
+        out = F.conv_transpose2d(h, w, dec.out.bias, padding=1)
+        return ((out - x) ** 2).mean()
+
+    with torch.no_grad():
+        expected = _fd_grad(rec_loss, weight)
+    np.testing.assert_allclose(g.numpy(), expected, rtol=1e-5, atol=1e-9)
+
+
+def test_decoder_fit_reduces_reconstruction_loss_without_tqdm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    dec = ReferenceDecoder.for_layer(nn.Conv2d(1, 4, 3, padding=1))
+    data = [(torch.rand(16, 1, 10, 10), torch.zeros(16)) for _ in range(4)]
+    with torch.no_grad():
+        before = float(dec.reconstruction_loss(torch.cat([d[0] for d in data])))
+    losses = dec.fit(data, epochs=4, lr=1e-2, progress=True)
+    with torch.no_grad():
+        after = float(dec.reconstruction_loss(torch.cat([d[0] for d in data])))
+    assert len(losses) == 4
+    assert all(isinstance(v, float) for v in losses)
+    assert after < 0.75 * before
+    assert losses[-1] < losses[0]
+
+
+def test_decoder_bad_arguments() -> None:
+    dec = ReferenceDecoder.for_layer(nn.Conv2d(1, 4, 3))
+    with pytest.raises(ValueError, match="no batches"):
+        dec.fit([], epochs=1)
+    with pytest.raises(ValueError, match="epochs"):
+        dec.fit([torch.randn(2, 1, 8, 8)], epochs=0)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        dec.fit([torch.randn(2, 8, 8)], epochs=1)
+    with pytest.raises(TypeError, match="Conv2d"):
+        ReferenceDecoder.for_layer(nn.Linear(3, 3))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="groups"):
+        ReferenceDecoder.for_layer(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="loss"):
+        ReferenceDecoder.for_layer(nn.Conv2d(1, 4, 3), loss="bce")
+
+
+def test_first_layer_filter_stats_matches_numpy_and_finds_first_conv() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(0, 0), nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 2, 1))
+    stats = first_layer_filter_stats(model)
+    w = model[1].weight.detach().numpy().reshape(5, -1)
+    np.testing.assert_allclose(stats.variance.numpy(), w.var(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(stats.norm.numpy(), np.sqrt((w**2).sum(axis=1)), rtol=1e-5)
+    assert stats.mean_variance == pytest.approx(float(w.var(axis=1).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match=r"no nn\.Conv2d"):
+        first_layer_filter_stats(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="layer"):
+        first_layer_filter_stats([1, 2])  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------
+# Distributed: 2 gloo processes vs one process over the global batch
+
+
+def _dist_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4)
+    )
+
+
+def _ddp_worker(rank: int, world: int, model_state, dec_state, x, y, fit_batches) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _dist_model()
+    model.load_state_dict(model_state)
+    dec = ReferenceDecoder.for_layer(model[0], hidden=3)
+    dec.load_state_dict(dec_state)
+    half = len(y) // world
+    local = [b[rank * (len(b) // world) : (rank + 1) * (len(b) // world)] for b in fit_batches]
+    losses = dec.fit(local, epochs=2, lr=1e-2)
+    ddp = DDP(model)
+    ggr = GenerativeGradientLoss(model[0].weight, dec, weight=0.7)
+    xl, yl = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+    loss = F.cross_entropy(ddp(xl), yl)
+    term = ggr(loss, xl)
+    (loss + term).backward()
+    return {
+        "term": term.detach(),
+        "ref": ggr.last_reference,
+        "grads": [p.grad.clone() for p in model.parameters()],
+        "dec": {k: v.clone() for k, v in dec.state_dict().items()},
+        "losses": losses,
+    }
+
+
+@pytest.mark.distributed
+def test_ddp_term_reference_and_grads_equal_single_process_over_global_batch() -> None:
+    torch.manual_seed(0)
+    model = _dist_model()
+    dec = ReferenceDecoder.for_layer(model[0], hidden=3)
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    dec_state = {k: v.clone() for k, v in dec.state_dict().items()}
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 4, (8,))
+    fit_batches = [torch.rand(8, 1, 6, 6) for _ in range(3)]
+
+    results = run_distributed(_ddp_worker, model_state, dec_state, x, y, fit_batches)
+
+    dec.fit(fit_batches, epochs=2, lr=1e-2)
+    ggr = GenerativeGradientLoss(model[0].weight, dec, weight=0.7)
+    loss = F.cross_entropy(model(x), y)
+    term = ggr(loss, x)
+    (loss + term).backward()
+    for r in results:
+        for k, v in dec.state_dict().items():
+            torch.testing.assert_close(r["dec"][k], v, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r["ref"], ggr.last_reference, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(r["term"], term.detach(), rtol=1e-5, atol=1e-6)
+        for g, p in zip(r["grads"], model.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results[0]["term"], results[1]["term"], rtol=0, atol=0)
+    assert term.item() > 0.05  # a non-trivial term
+
+
+# ------------------------------------------------------------------------------------------
+# torchvision / timm first layers
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_works_with_the_first_conv_of_torchvision_and_timm_resnets(library: str) -> None:
+    if library == "torchvision":
+        import torchvision
+
+        model = torchvision.models.resnet18(num_classes=5)
+    else:
+        import timm
+
+        model = timm.create_model("resnet18", pretrained=False, num_classes=5)
+    conv = model.conv1
+    assert first_layer_filter_stats(model).variance.shape == (conv.out_channels,)
+    dec = ReferenceDecoder.for_layer(conv, hidden=8)
+    x, y = torch.randn(2, 3, 37, 37), torch.tensor([1, 3])
+    dec.fit([x], epochs=1)
+    ggr = GenerativeGradientLoss(conv.weight, dec, weight=1.0)
+    loss = F.cross_entropy(model(x), y)
+    term = ggr(loss, x)
+    assert 0 < term.item() < 2
+    term.backward()
+    fc = model.get_classifier() if library == "timm" else model.fc
+    assert fc.weight.grad is not None
+    assert fc.weight.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------------
+# The example
+
+
+@pytest.mark.slow
+def test_example_smoke_run(tmp_path: Path) -> None:
+    script = ROOT / "examples" / "ggr.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--no-progress", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TORCH_RECAL_COMPILE": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GGR" in proc.stdout
+    assert (tmp_path / "ggr.png").exists()
