@@ -1,20 +1,24 @@
 """torch-recal: five published training tricks as drop-in pieces for your own PyTorch models.
 
 * :class:`ResponseCalibration`, :func:`calibrate` (ResCNet, arXiv 2411.13582)
+* :class:`RifleScheduler`, :func:`find_classifier` (RIFLE, arXiv 2007.03349)
 """
 
 from torch_recal import functional, models
 from torch_recal._compile import compile_enabled, set_compile
 from torch_recal.calibration import ResponseCalibration
+from torch_recal.rifle import RifleScheduler, find_classifier
 from torch_recal.surgery import calibrate, is_calibrated, register_block, uncalibrate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ResponseCalibration",
+    "RifleScheduler",
     "__version__",
     "calibrate",
     "compile_enabled",
+    "find_classifier",
     "functional",
     "is_calibrated",
     "models",
