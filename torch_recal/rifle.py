@@ -319,6 +319,11 @@ class RifleScheduler:
     def _resolve_head(target: nn.Module | Sequence[nn.Module]) -> nn.Module:
         if isinstance(target, nn.Module):
             target = _unwrap(target)
+            if next(target.parameters(), None) is None:
+                raise ValueError(
+                    f"RifleScheduler: the head ({type(target).__name__}) has no parameters; "
+                    f"pass the classifier layer, e.g. RifleScheduler(model.fc, ...)"
+                )
             return target if _has_own_parameters(target) else find_classifier(target)
         if isinstance(target, (list, tuple)) and target:
             if not all(isinstance(m, nn.Module) for m in target):
