@@ -154,8 +154,12 @@ def test_head_lr_factor_last_period_absorbs_the_remainder():
     lengths = [3, 3, 5]
     ref = [0.5 * (1 + math.cos(math.pi * t / n)) for n in lengths for t in range(n)]
     assert [rifle.head_lr_factor(e) for e in range(11)] == pytest.approx(ref, abs=1e-12)
+    assert rifle.head_lr_factor(11) == pytest.approx(0.0, abs=1e-12)  # LambdaLR's extra step
+    assert rifle.head_lr_factor(50) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="epoch"):
-        rifle.head_lr_factor(11)
+        rifle.head_lr_factor(-1)
+    with pytest.raises(TypeError, match="epoch"):
+        rifle.head_lr_factor(2.0)
 
 
 # ------------------------------------------------------------------------ the reset

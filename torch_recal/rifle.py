@@ -410,27 +410,24 @@ class RifleScheduler:
         ``torch.optim.lr_scheduler.LambdaLR`` on the head's param group.
 
         Args:
-            epoch: 0-based epoch (or step) in ``[0, total_epochs)``.
+            epoch: 0-based epoch (or step); from ``total_epochs`` on the factor is ``0.0``
+                    (the end of the last cosine), so a ``LambdaLR`` stepped once more is harmless.
 
         Example:
             >>> from torch import nn
             >>> from torch_recal import RifleScheduler
             >>> rifle = RifleScheduler(nn.Linear(4, 2), total_epochs=8, num_resets=1)
-            >>> [round(rifle.head_lr_factor(e), 3) for e in range(8)]
-            [1.0, 0.854, 0.5, 0.146, 1.0, 0.854, 0.5, 0.146]
+            >>> [round(rifle.head_lr_factor(e), 3) for e in range(9)]
+            [1.0, 0.854, 0.5, 0.146, 1.0, 0.854, 0.5, 0.146, 0.0]
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int):
             raise TypeError(f"head_lr_factor: `epoch` must be an int, got {type(epoch).__name__}")
-        if not 0 <= epoch < self.total_epochs:
-            raise ValueError(
-                f"head_lr_factor: `epoch` must be in [0, {self.total_epochs}), got {epoch}"
-            )
-        starts = [0] + [e + 1 for e in self._schedule]
-        ends = [*starts[1:], self.total_epochs]
-        for start, end in zip(starts, ends, strict=True):
-            if start <= epoch < end:
-                return 0.5 * (1.0 + math.cos(math.pi * (epoch - start) / (end - start)))
-        raise AssertionError("unreachable")  # pragma: no cover
+        if epoch < 0:
+            raise ValueError(f"head_lr_factor: `epoch` must be >= 0, got {epoch}")
+        start = max([0] + [e + 1 for e in self._schedule if e < epoch])
+        end = min([e + 1 for e in self._schedule if e + 1 > start] + [self.total_epochs])
+        t = min(epoch - start, end - start)
+        return 0.5 * (1.0 + math.cos(math.pi * t / (end - start)))
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state (ints, strings, lists): the position in the schedule and its set-up."""
