@@ -249,6 +249,23 @@ def test_outermost_reset_parameters_wins_over_its_children():
     assert torch.all(head.out.weight == -1.0)
 
 
+def test_model_with_its_own_parameters_is_searched_not_reset():
+    class TokenModel(nn.Module):  # ViT-like: parameters of its own plus a `head`
+        def __init__(self) -> None:
+            super().__init__()
+            self.cls_token = nn.Parameter(torch.zeros(1, 4))
+            self.blocks = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+    model = TokenModel()
+    body = snapshot(model.blocks)
+    rifle = RifleScheduler(model, total_epochs=2, num_resets=1)
+    assert rifle.head is model.head
+    rifle.step()
+    assert same(snapshot(model.blocks), body)
+    assert torch.equal(model.cls_token, torch.zeros(1, 4))
+
+
 def test_list_target_resets_every_listed_layer_and_nothing_else():
     mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
     first = snapshot(mlp[0])

@@ -184,8 +184,10 @@ class RifleScheduler:
     Paper: Li et al., https://arxiv.org/abs/2007.03349
 
     Args:
-        target: the head (a layer with parameters, e.g. ``model.fc``), a list of modules that
-            form the head, or a whole model, whose head :func:`find_classifier` picks.
+        target: a whole model, whose head :func:`find_classifier` picks (used whenever the
+            module has ``get_classifier()``, ``fc``, ``classifier`` or ``head``); the head
+            itself (a layer with parameters, e.g. ``model.fc``); or a list of modules that
+            form the head (always taken as given).
         total_epochs: the number of epochs (``unit="step"``: optimizer steps) of the run,
             i.e. how many times :meth:`step` will be called.
         num_resets: how many re-initialisations (the official code's ``fc_reinit_times``;
@@ -324,7 +326,12 @@ class RifleScheduler:
                     f"RifleScheduler: the head ({type(target).__name__}) has no parameters; "
                     f"pass the classifier layer, e.g. RifleScheduler(model.fc, ...)"
                 )
-            return target if _has_own_parameters(target) else find_classifier(target)
+            looks_like_model = callable(getattr(target, "get_classifier", None)) or any(
+                isinstance(getattr(target, name, None), nn.Module) for name in _HEAD_NAMES
+            )
+            if looks_like_model or not _has_own_parameters(target):
+                return find_classifier(target)
+            return target
         if isinstance(target, (list, tuple)) and target:
             if not all(isinstance(m, nn.Module) for m in target):
                 raise TypeError("RifleScheduler: every item of a `target` list must be a module")
