@@ -104,30 +104,42 @@ def test_head_changes_exactly_at_the_schedule_and_backbone_never(total, resets):
 
 def test_period_schedule_and_min_epochs_after_last():
     lin = nn.Linear(3, 2)
-    # every 5 epochs while a full period (default) remains
-    assert RifleScheduler(lin, total_epochs=23, period=5).schedule() == [4, 9, 14]
-    # the Paddle port: no re-init when fewer than 5 epochs remain
-    assert RifleScheduler(lin, total_epochs=23, period=5, min_epochs_after_last=5).schedule() == [
-        4,
-        9,
-        14,
-    ]
-    assert RifleScheduler(lin, total_epochs=24, period=5, min_epochs_after_last=4).schedule() == [
-        4,
-        9,
-        14,
-        19,
-    ]
-    assert RifleScheduler(lin, total_epochs=24, period=5, min_epochs_after_last=1).schedule() == [
-        4,
-        9,
-        14,
-        19,
-    ]
-    # SMILE-style, in optimizer steps: 1000 steps, 4 periods
+
+    def sched(total: int, period: int, min_after: int | None = None) -> list[int]:
+        return RifleScheduler(lin, total_epochs=total, period=period,
+                              min_epochs_after_last=min_after).schedule()  # fmt: skip
+
+    # every 5 epochs while a full period (the default) remains
+    assert sched(23, 5) == [4, 9, 14]
+    assert sched(24, 5) == [4, 9, 14]
+    assert sched(25, 5) == [4, 9, 14, 19]
+    assert sched(23, 5, 5) == [4, 9, 14]
+    assert sched(24, 5, 4) == [4, 9, 14, 19]
+    assert sched(24, 5, 1) == [4, 9, 14, 19]
+    # in optimizer steps: 1000 steps, 4 periods
     steps = RifleScheduler(lin, total_epochs=1000, num_resets=3, unit="step")
     assert steps.schedule() == [249, 499, 749]
     assert steps.unit == "step"
+
+
+def paddle_port_reinit_epochs(num_epoch: int, cyclic_num: int) -> list[int]:
+    """The authors' Paddle port (haozhe-an/RIFLE-Paddle-Implementation, fine_tuning/run.py)."""
+    fired = []
+    for e_id in range(num_epoch):
+        if (e_id + 1) % (num_epoch // cyclic_num) == 0:
+            if e_id > num_epoch - 5:
+                continue
+            fired.append(e_id)
+    return fired
+
+
+@pytest.mark.parametrize("num_epoch", [40, 30, 17, 12, 10])
+@pytest.mark.parametrize("cyclic_num", [2, 3, 4])
+def test_period_with_min_epochs_after_last_is_the_paddle_port(num_epoch, cyclic_num):
+    expected = paddle_port_reinit_epochs(num_epoch, cyclic_num)
+    rifle = RifleScheduler(nn.Linear(3, 2), total_epochs=num_epoch,
+                           period=num_epoch // cyclic_num, min_epochs_after_last=4)  # fmt: skip
+    assert rifle.schedule() == expected
 
 
 def test_num_resets_zero_never_fires():

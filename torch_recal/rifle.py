@@ -209,7 +209,8 @@ class RifleScheduler:
             Default: the global RNG (as the official code).
         min_epochs_after_last: the least number of epochs that must follow the last reset.
             Default: one full period. With ``num_resets``, a schedule that leaves fewer is
-            an error; with ``period``, resets that would leave fewer are dropped.
+            an error; with ``period``, resets that would leave fewer are dropped (the
+            authors' Paddle port is ``period=total_epochs // c, min_epochs_after_last=4``).
 
     Attributes:
         head: the module that is re-initialised (an ``nn.ModuleList`` for a list target).
