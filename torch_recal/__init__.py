@@ -3,6 +3,7 @@
 * :class:`ResponseCalibration`, :func:`calibrate` (ResCNet, arXiv 2411.13582)
 * :class:`GenerativeGradientLoss`, :class:`ReferenceDecoder`, :func:`first_layer_filter_stats`
   (GGR, Reza & Jung, IEEE Access 2025, doi 10.1109/ACCESS.2025.3534216)
+* :class:`RifleScheduler`, :func:`find_classifier` (RIFLE, arXiv 2007.03349)
 """
 
 from torch_recal import functional, models
@@ -14,6 +15,7 @@ from torch_recal.generative import (
     ReferenceDecoder,
     first_layer_filter_stats,
 )
+from torch_recal.rifle import RifleScheduler, find_classifier
 from torch_recal.surgery import calibrate, is_calibrated, register_block, uncalibrate
 
 __version__ = "0.1.0"
@@ -23,9 +25,11 @@ __all__ = [
     "GenerativeGradientLoss",
     "ReferenceDecoder",
     "ResponseCalibration",
+    "RifleScheduler",
     "__version__",
     "calibrate",
     "compile_enabled",
+    "find_classifier",
     "first_layer_filter_stats",
     "functional",
     "is_calibrated",

@@ -1,0 +1,509 @@
+"""RifleScheduler: periodic re-initialisation of the classifier head during fine-tuning (RIFLE).
+
+Paper: Li et al., "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
+Re-Initializing the Fully-connected LayEr", ICML 2020, https://arxiv.org/abs/2007.03349
+(official code: https://github.com/lixingjian/RIFLE, ``train.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from torch_recal import _dist
+
+__all__ = ["RifleScheduler", "find_classifier"]
+
+_UNITS = ("epoch", "step")
+_HEAD_NAMES = ("fc", "classifier", "head")
+_MASK64 = (1 << 64) - 1
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _has_own_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _final_layer(module: nn.Module, where: str) -> nn.Module:
+    """``module`` itself if it holds parameters, else the last ``nn.Linear`` inside it."""
+    if _has_own_parameters(module):
+        return module
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1]
+    layers = [m for m in module.modules() if _has_own_parameters(m)]
+    if layers:  # e.g. a 1x1-conv classifier
+        return layers[-1]
+    raise ValueError(
+        f"find_classifier: {where} ({type(module).__name__}) has no parameters (a model built "
+        f"with num_classes=0?); pass the head module itself, e.g. "
+        f"RifleScheduler(model.my_head, ...)"
+    )
+
+
+def find_classifier(model: nn.Module) -> nn.Module:
+    """Find the final classifier layer of a model, the layer RIFLE re-initialises.
+
+    Looked up in this order: timm's ``model.get_classifier()``; otherwise the one attribute
+    among ``fc``, ``classifier`` and ``head`` that holds a module. A head that is a container
+    (``nn.Sequential``, timm's ``ClassifierHead``) gives its last ``nn.Linear`` (or, with no
+    Linear inside, its last layer with parameters, e.g. a 1x1 conv). DDP / DataParallel and
+    ``torch.compile`` wrappers are looked through.
+
+    Paper: Li et al., https://arxiv.org/abs/2007.03349
+
+    Args:
+        model: the network.
+
+    Returns:
+        The classifier layer (a module of ``model``, not a copy).
+
+    Raises:
+        ValueError: no head found, more than one candidate attribute, or a head without
+            parameters. The message says how to pass the head explicitly.
+
+    Example:
+        >>> from torch import nn
+        >>> from torch_recal import find_classifier
+        >>> from torch_recal.models import resnet20
+        >>> model = resnet20(num_classes=5)
+        >>> find_classifier(model) is model.fc
+        True
+        >>> net = nn.Module()
+        >>> net.body = nn.Linear(8, 8)
+        >>> net.classifier = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> find_classifier(net) is net.classifier[2]
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"find_classifier: `model` must be an nn.Module, got {type(model).__name__}"
+        )
+    model = _unwrap(model)
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
+        if isinstance(head, nn.Module):
+            return _final_layer(head, "model.get_classifier()")
+        raise ValueError(
+            f"find_classifier: {type(model).__name__}.get_classifier() returned "
+            f"{type(head).__name__}, not one module (e.g. a distilled model with two heads); "
+            f"pass the head(s) explicitly: RifleScheduler(list_of_head_modules, ...)"
+        )
+    found = [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+    if len(found) > 1:
+        raise ValueError(
+            f"find_classifier: {type(model).__name__} has several candidate heads "
+            f"{found} (ambiguous); pass the head module itself, e.g. "
+            f"RifleScheduler(model.{found[-1]}, ...)"
+        )
+    if not found:
+        raise ValueError(
+            f"find_classifier: {type(model).__name__} has no get_classifier(), `fc`, "
+            f"`classifier` or `head`; pass the head module itself, e.g. "
+            f"RifleScheduler(model.my_head, ...), or a list of modules for a multi-layer head"
+        )
+    return _final_layer(getattr(model, found[0]), f"model.{found[0]}")
+
+
+def _reset_roots(module: nn.Module) -> list[nn.Module]:
+    """Outermost modules that define ``reset_parameters`` (their children are left to them)."""
+    if callable(getattr(module, "reset_parameters", None)):
+        return [module]
+    roots: list[nn.Module] = []
+    for child in module.children():
+        roots.extend(_reset_roots(child))
+    return roots
+
+
+def _derive_seed(seed: int, index: int) -> int:
+    """A 64-bit seed for the ``index``-th reset (a fixed formula, stable across versions)."""
+    return (seed * 6364136223846793005 + (index + 1) * 1442695040888963407) & _MASK64
+
+
+@contextmanager
+def _seeded_rng(seed: int, devices: set[torch.device]) -> Iterator[None]:
+    """Seed the CPU generator and the generators of ``devices``; restore all of them after."""
+    with ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        torch.default_generator.manual_seed(seed)
+        for device_type in sorted({d.type for d in devices} - {"cpu", "meta"}):
+            indices = sorted({d.index or 0 for d in devices if d.type == device_type})
+            stack.enter_context(torch.random.fork_rng(devices=indices, device_type=device_type))
+            module = getattr(torch, device_type)
+            generators = getattr(module, "default_generators", None)
+            if generators is not None:
+                for i in indices:
+                    generators[i].manual_seed(seed)
+            else:  # e.g. mps: one generator
+                module.manual_seed(seed)
+        yield
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"RifleScheduler: `{name}` must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"RifleScheduler: `{name}` must be >= {minimum}, got {value}")
+    return value
+
+
+class RifleScheduler:
+    """Re-initialise the classifier head a few times during fine-tuning (RIFLE).
+
+    Fine-tuning a pretrained network on a new task trains mostly the new head: the backbone's
+    gradients are small once the head fits. RIFLE re-initialises the final fully-connected
+    layer at fixed points, so that large gradients flow back into the deep layers again; the
+    last re-initialisation leaves enough epochs for the head to converge. Only the head is
+    touched: the backbone, the learning-rate schedule and (by default) the optimizer state
+    stay as they are.
+
+    Call :meth:`step` once after every epoch (or every optimizer step with ``unit="step"``),
+    on every rank. With ``num_resets=n`` the run is cut into ``n + 1`` periods of
+    ``P = total_epochs // (n + 1)`` epochs and the head is re-initialised after epochs
+    ``P - 1, 2P - 1, ..., nP - 1`` (0-based), as in the official code, which also fires after
+    the very last epoch: this class never does. With ``period=P`` it fires after every ``P``
+    epochs as long as at least ``min_epochs_after_last`` epochs remain. :meth:`schedule`
+    lists the epochs.
+
+    Paper: Li et al., https://arxiv.org/abs/2007.03349
+
+    Args:
+        target: a whole model, whose head :func:`find_classifier` picks (used whenever the
+            module has ``get_classifier()``, ``fc``, ``classifier`` or ``head``); the head
+            itself (a layer with parameters, e.g. ``model.fc``); or a list of modules that
+            form the head (always taken as given).
+        total_epochs: the number of epochs (``unit="step"``: optimizer steps) of the run,
+            i.e. how many times :meth:`step` will be called.
+        num_resets: how many re-initialisations (the official code's ``fc_reinit_times``;
+            its experiments use 1). ``0`` disables RIFLE. Give this or ``period``.
+        period: re-initialise every ``period`` epochs instead. Give this or ``num_resets``.
+        unit: ``"epoch"`` or ``"step"``: what one :meth:`step` call stands for; every count
+            (``total_epochs``, ``period``, :meth:`schedule`) is in this unit.
+        init: ``init(head)`` re-initialises the head in place (e.g. He-normal, as the
+            authors' Paddle port). Default: the ``reset_parameters()`` of the outermost
+            modules of the head that define one (PyTorch's default ``nn.Linear`` init).
+        optimizer: the optimizer holding the head's parameters; only used with
+            ``reset_optimizer_state=True``.
+        reset_optimizer_state: also drop the optimizer state (momentum, Adam moments and
+            step count) of the head's parameters, and only theirs, at each reset. The official
+            code keeps it (``False``).
+        seed: make the re-initialised values deterministic: the ``k``-th reset draws from
+            generators seeded with a value derived from ``(seed, k)``, so a resumed run
+            re-creates the same values, and the global RNG state is left untouched.
+            Default: the global RNG (as the official code).
+        min_epochs_after_last: the least number of epochs that must follow the last reset.
+            Default: one full period. With ``num_resets``, a schedule that leaves fewer is
+            an error; with ``period``, resets that would leave fewer are dropped (the
+            authors' Paddle port is ``period=total_epochs // c, min_epochs_after_last=4``).
+
+    Attributes:
+        head: the module that is re-initialised (an ``nn.ModuleList`` for a list target).
+        last_epoch: index of the last epoch passed to :meth:`step` (``-1`` before the first).
+        last_reset: epoch after which the head was last re-initialised, or ``None``.
+
+    Distributed: the reset is deterministic in the epoch, so every rank fires at the same
+    :meth:`step`; the new head (parameters and buffers) is then broadcast from rank 0, so it
+    is identical on every rank even without ``seed`` (or with a different seed per rank).
+
+    Example:
+        >>> import torch
+        >>> from torch_recal import RifleScheduler
+        >>> from torch_recal.models import resnet20
+        >>> model = resnet20(num_classes=5)
+        >>> rifle = RifleScheduler(model, total_epochs=12, num_resets=2, seed=0)
+        >>> rifle.schedule()
+        [3, 7]
+        >>> fired = [rifle.step() for epoch in range(12)]  # after each epoch's training
+        >>> [e for e, f in enumerate(fired) if f], rifle.last_reset
+        ([3, 7], 7)
+        >>> round(rifle.head_lr_factor(4), 3)  # cyclic head lr: restarts after each reset
+        1.0
+    """
+
+    def __init__(
+        self,
+        target: nn.Module | Sequence[nn.Module],
+        *,
+        total_epochs: int,
+        num_resets: int | None = None,
+        period: int | None = None,
+        unit: str = "epoch",
+        init: Callable[[nn.Module], Any] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        reset_optimizer_state: bool = False,
+        seed: int | None = None,
+        min_epochs_after_last: int | None = None,
+    ) -> None:
+        head = self._resolve_head(target)
+        _check_int("total_epochs", total_epochs, 1)
+        if (num_resets is None) == (period is None):
+            raise ValueError(
+                "RifleScheduler: give exactly one of `num_resets` (how many re-initialisations) "
+                f"or `period` (epochs between them), got num_resets={num_resets!r}, "
+                f"period={period!r}"
+            )
+        if unit not in _UNITS:
+            raise ValueError(f"RifleScheduler: `unit` must be one of {_UNITS}, got {unit!r}")
+        if min_epochs_after_last is not None:
+            _check_int("min_epochs_after_last", min_epochs_after_last, 1)
+        if seed is not None:
+            _check_int("seed", seed, 0)
+        if init is not None and not callable(init):
+            raise TypeError(f"RifleScheduler: `init` must be callable, got {type(init).__name__}")
+        if not isinstance(reset_optimizer_state, bool):
+            raise TypeError("RifleScheduler: `reset_optimizer_state` must be a bool")
+        params = list(head.parameters())
+        if not params:
+            raise ValueError(
+                f"RifleScheduler: the head ({type(head).__name__}) has no parameters; pass the "
+                f"classifier layer, e.g. RifleScheduler(model.fc, ...)"
+            )
+        if init is None:
+            covered = {id(p) for root in _reset_roots(head) for p in root.parameters()}
+            missing = [n for n, p in head.named_parameters() if id(p) not in covered]
+            if missing:
+                raise ValueError(
+                    f"RifleScheduler: head parameters {missing} are not reset by any "
+                    f"reset_parameters() of the head; pass `init=` (a function that "
+                    f"re-initialises the head in place)"
+                )
+        if optimizer is not None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"RifleScheduler: `optimizer` must be a torch.optim.Optimizer, "
+                    f"got {type(optimizer).__name__}"
+                )
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not any(id(p) in held for p in params):
+                raise ValueError(
+                    "RifleScheduler: `optimizer` holds none of the head's parameters; pass the "
+                    "optimizer that trains the head"
+                )
+        elif reset_optimizer_state:
+            raise ValueError(
+                "RifleScheduler: `reset_optimizer_state=True` needs `optimizer=` (the optimizer "
+                "that trains the head)"
+            )
+        if num_resets is not None:
+            schedule = self._schedule_from_resets(total_epochs, num_resets, min_epochs_after_last)
+        else:
+            schedule = self._schedule_from_period(total_epochs, period, min_epochs_after_last)
+
+        self.head = head
+        self.total_epochs = total_epochs
+        self.num_resets = len(schedule)
+        self.unit = unit
+        self.init = init
+        self.optimizer = optimizer
+        self.reset_optimizer_state = reset_optimizer_state
+        self.seed = seed
+        self._schedule = schedule
+        self.last_epoch = -1
+        self.last_reset: int | None = None
+
+    # ----------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _resolve_head(target: nn.Module | Sequence[nn.Module]) -> nn.Module:
+        if isinstance(target, nn.Module):
+            target = _unwrap(target)
+            if next(target.parameters(), None) is None:
+                raise ValueError(
+                    f"RifleScheduler: the head ({type(target).__name__}) has no parameters; "
+                    f"pass the classifier layer, e.g. RifleScheduler(model.fc, ...)"
+                )
+            looks_like_model = callable(getattr(target, "get_classifier", None)) or any(
+                isinstance(getattr(target, name, None), nn.Module) for name in _HEAD_NAMES
+            )
+            if looks_like_model or not _has_own_parameters(target):
+                return find_classifier(target)
+            return target
+        if isinstance(target, (list, tuple)) and target:
+            if not all(isinstance(m, nn.Module) for m in target):
+                raise TypeError("RifleScheduler: every item of a `target` list must be a module")
+            return nn.ModuleList(target)
+        raise TypeError(
+            f"RifleScheduler: `target` must be a module (the head or the model) or a non-empty "
+            f"list of modules, got {type(target).__name__}"
+        )
+
+    @staticmethod
+    def _schedule_from_resets(total: int, num_resets: Any, min_after: int | None) -> list[int]:
+        _check_int("num_resets", num_resets, 0)
+        if num_resets == 0:
+            return []
+        period = total // (num_resets + 1)
+        if period < 1:
+            raise ValueError(
+                f"RifleScheduler: total_epochs={total} is too short for num_resets={num_resets}: "
+                f"the {num_resets + 1} periods need at least {num_resets + 1} epochs"
+            )
+        schedule = [k * period - 1 for k in range(1, num_resets + 1)]
+        remaining = total - 1 - schedule[-1]
+        need = period if min_after is None else min_after
+        if remaining < need:
+            raise ValueError(
+                f"RifleScheduler: with total_epochs={total} and num_resets={num_resets} only "
+                f"{remaining} epochs follow the last reset, fewer than "
+                f"min_epochs_after_last={need}; lower num_resets or min_epochs_after_last"
+            )
+        return schedule
+
+    @staticmethod
+    def _schedule_from_period(total: int, period: Any, min_after: int | None) -> list[int]:
+        _check_int("period", period, 1)
+        need = period if min_after is None else min_after
+        schedule = []
+        k = 1
+        while total - k * period >= need:
+            schedule.append(k * period - 1)
+            k += 1
+        if not schedule:
+            raise ValueError(
+                f"RifleScheduler: period={period} leaves no room for a reset in "
+                f"total_epochs={total} with min_epochs_after_last={need} epochs after it; "
+                f"use a shorter period"
+            )
+        return schedule
+
+    # ------------------------------------------------------------------------------ public
+    def schedule(self) -> list[int]:
+        """The 0-based epochs (or steps) after which :meth:`step` re-initialises the head.
+
+        Example:
+            >>> from torch import nn
+            >>> from torch_recal import RifleScheduler
+            >>> RifleScheduler(nn.Linear(4, 2), total_epochs=40, num_resets=1).schedule()
+            [19]
+            >>> RifleScheduler(nn.Linear(4, 2), total_epochs=20, period=5).schedule()
+            [4, 9, 14]
+        """
+        return list(self._schedule)
+
+    def step(self) -> bool:
+        """Advance one epoch (or step); re-initialise the head if it is due.
+
+        Returns:
+            ``True`` when the head was re-initialised at this call.
+        """
+        epoch = self.last_epoch + 1
+        fired = epoch in self._schedule
+        if fired:
+            self._reset(self._schedule.index(epoch))
+            self.last_reset = epoch
+        self.last_epoch = epoch
+        return fired
+
+    def head_lr_factor(self, epoch: int) -> float:
+        """Cyclic learning-rate factor for the head: a cosine restarted after every reset.
+
+        ``0.5 * (1 + cos(pi * t / L))`` where ``t`` counts the epochs since the start of the
+        current period and ``L`` is its length; the official ``fc_lr_util="cyclic"`` option
+        (the backbone keeps one cosine over the whole run). Use it with
+        ``torch.optim.lr_scheduler.LambdaLR`` on the head's param group.
+
+        Args:
+            epoch: 0-based epoch (or step); from ``total_epochs`` on the factor is ``0.0``
+                    (the end of the last cosine), so a ``LambdaLR`` stepped once more is harmless.
+
+        Example:
+            >>> from torch import nn
+            >>> from torch_recal import RifleScheduler
+            >>> rifle = RifleScheduler(nn.Linear(4, 2), total_epochs=8, num_resets=1)
+            >>> [round(rifle.head_lr_factor(e), 3) for e in range(9)]
+            [1.0, 0.854, 0.5, 0.146, 1.0, 0.854, 0.5, 0.146, 0.0]
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            raise TypeError(f"head_lr_factor: `epoch` must be an int, got {type(epoch).__name__}")
+        if epoch < 0:
+            raise ValueError(f"head_lr_factor: `epoch` must be >= 0, got {epoch}")
+        start = max([0] + [e + 1 for e in self._schedule if e < epoch])
+        end = min([e + 1 for e in self._schedule if e + 1 > start] + [self.total_epochs])
+        t = min(epoch - start, end - start)
+        return 0.5 * (1.0 + math.cos(math.pi * t / (end - start)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data state (ints, strings, lists): the position in the schedule and its set-up."""
+        return {
+            "last_epoch": self.last_epoch,
+            "last_reset": self.last_reset,
+            "schedule": list(self._schedule),
+            "total_epochs": self.total_epochs,
+            "unit": self.unit,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; the schedule and seed must match this instance's.
+
+        Raises:
+            ValueError: missing keys, or a checkpoint made with another schedule or seed
+                (nothing is changed then).
+        """
+        missing = {"last_epoch", "last_reset", "schedule", "total_epochs", "unit", "seed"} - set(
+            state_dict
+        )
+        if missing:
+            raise ValueError(f"RifleScheduler.load_state_dict: missing keys {sorted(missing)}")
+        for key, mine in (
+            ("schedule", self._schedule),
+            ("total_epochs", self.total_epochs),
+            ("unit", self.unit),
+            ("seed", self.seed),
+        ):
+            theirs = state_dict[key]
+            if (list(theirs) if key == "schedule" else theirs) != mine:
+                raise ValueError(
+                    f"RifleScheduler.load_state_dict: the checkpoint has {key}={theirs!r}, this "
+                    f"scheduler {mine!r}; build the scheduler with the run's original arguments"
+                )
+        last_epoch, last_reset = state_dict["last_epoch"], state_dict["last_reset"]
+        if isinstance(last_epoch, bool) or not isinstance(last_epoch, int) or last_epoch < -1:
+            raise ValueError(f"RifleScheduler.load_state_dict: bad last_epoch {last_epoch!r}")
+        if last_reset is not None and last_reset not in self._schedule:
+            raise ValueError(f"RifleScheduler.load_state_dict: bad last_reset {last_reset!r}")
+        self.last_epoch = last_epoch
+        self.last_reset = last_reset
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(head={type(self.head).__name__}, "
+            f"total_epochs={self.total_epochs}, unit={self.unit!r}, schedule={self._schedule}, "
+            f"seed={self.seed}, reset_optimizer_state={self.reset_optimizer_state})"
+        )
+
+    # ----------------------------------------------------------------------------- reset
+    @torch.no_grad()
+    def _reset(self, index: int) -> None:
+        tensors = [*self.head.parameters(), *self.head.buffers()]
+        if self.seed is None:
+            self._reinit()
+        else:
+            with _seeded_rng(_derive_seed(self.seed, index), {t.device for t in tensors}):
+                self._reinit()
+        _dist.broadcast_(*(t.detach() for t in tensors), src=0)
+        if self.reset_optimizer_state and self.optimizer is not None:
+            for p in self.head.parameters():
+                self.optimizer.state.pop(p, None)
+
+    def _reinit(self) -> None:
+        if self.init is not None:
+            self.init(self.head)
+            return
+        for root in _reset_roots(self.head):
+            root.reset_parameters()  # type: ignore[operator]
