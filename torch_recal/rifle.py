@@ -425,8 +425,8 @@ class RifleScheduler:
             >>> from torch import nn
             >>> from torch_recal import RifleScheduler
             >>> rifle = RifleScheduler(nn.Linear(4, 2), total_epochs=8, num_resets=1)
-            >>> [round(rifle.head_lr_factor(e), 3) for e in range(9)]
-            [1.0, 0.854, 0.5, 0.146, 1.0, 0.854, 0.5, 0.146, 0.0]
+            >>> " ".join(f"{rifle.head_lr_factor(e):.3f}" for e in range(9))
+            '1.000 0.854 0.500 0.146 1.000 0.854 0.500 0.146 0.000'
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int):
             raise TypeError(f"head_lr_factor: `epoch` must be an int, got {type(epoch).__name__}")
