@@ -337,6 +337,12 @@ def test_normal_equations_resume_merge_and_no_intercept():
     sol = acc.solve(3.0)
     assert sol.bias is None
     assert _rel(sol.weight, sk.coef_) < 1e-6
+    bad = h[:10].clone()
+    bad[3, 2] = float("inf")
+    with pytest.raises(ValueError, match="inf or nan"):
+        acc.update(bad, t[:10])
+    assert acc.count == 500  # the bad batch was not accumulated
+    assert _rel(acc.solve(3.0).weight, sk.coef_) < 1e-6
     acc.reset()
     assert acc.count == 0
     with pytest.raises(ValueError, match="no samples"):

@@ -169,14 +169,17 @@ class NormalEquations:
             m_h = torch.zeros(self.num_features, device=self.device, dtype=cdt)
             m_t = torch.zeros(self.num_outputs, device=self.device, dtype=cdt)
         f64 = torch.float64
-        self._merge(
-            float(n_b),
-            m_h.to(f64),
-            m_t.to(f64),
-            (h.T @ h).to(f64),
-            (h.T @ t).to(f64),
-            (t * t).sum(0).to(f64),
-        )
+        s_hh = (h.T @ h).to(f64)
+        stats = torch.cat([m_h.to(f64), m_t.to(f64), s_hh.diagonal()])
+        if not bool(torch.isfinite(stats).all()):
+            # a non-finite entry makes its column mean non-finite; an entry too large for the
+            # compute dtype makes the Gram diagonal overflow: one O(d) check catches both
+            raise ValueError(
+                "NormalEquations.update: `h` or `t` contains inf or nan (or values whose "
+                f"squares overflow {cdt}); nothing was accumulated from this batch"
+            )
+        self._merge(float(n_b), m_h.to(f64), m_t.to(f64), s_hh, (h.T @ t).to(f64),
+                    (t * t).sum(0).to(f64))  # fmt: skip
 
     def _merge(
         self, n_b: float, m_h: Tensor, m_t: Tensor, s_hh: Tensor, s_ht: Tensor, s_tt: Tensor
@@ -188,8 +191,8 @@ class NormalEquations:
         if self.fit_intercept:
             d_h, d_t = m_h - self.mean_h, m_t - self.mean_t
             c = n_a * n_b / n
-            self.s_hh += s_hh + c * torch.outer(d_h, d_h)
-            self.s_ht += s_ht + c * torch.outer(d_h, d_t)
+            self.s_hh.add_(s_hh).addr_(d_h, d_h, alpha=c)
+            self.s_ht.add_(s_ht).addr_(d_h, d_t, alpha=c)
             self.s_tt += s_tt + c * d_t * d_t
             self.mean_h += d_h * (n_b / n)
             self.mean_t += d_t * (n_b / n)
@@ -771,8 +774,6 @@ def _refit_one(
             )
         if not h.is_floating_point():
             raise ValueError(f"pinv_refit_dense: features must be floating point, got {h.dtype}")
-        if not torch.isfinite(h).all():
-            raise ValueError("pinv_refit_dense: features contain inf or nan")
         h = h.to(dev)
         t = _make_targets(y, targets, num_classes, k_final, n, dev)
         t = inv_act(t.to(torch.float64))
