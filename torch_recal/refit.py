@@ -405,8 +405,8 @@ class RefitResult:
         condition: condition estimate of the solved system (see :class:`RidgeSolution`).
         seconds: wall time of the whole call.
         ridge: the penalty used.
-        layers: for a stack of dense layers, one result per ``nn.Linear`` (first to last);
-            for a single layer, ``[self]``-like single entry is not repeated (empty list).
+        layers: for a stack of dense layers, one result per ``nn.Linear`` (first to last,
+            the last being this result's own weights); empty for a single layer.
     """
 
     weight: Tensor
