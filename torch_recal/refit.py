@@ -126,7 +126,7 @@ class NormalEquations:
     def reset(self) -> None:
         """Forget everything accumulated so far."""
         d, k, kw = self.num_features, self.num_outputs, {"dtype": torch.float64}
-        self._n = torch.zeros((), device=self.device, **kw)
+        self._n = 0.0  # a host float: no device sync per batch
         self.mean_h = torch.zeros(d, device=self.device, **kw)
         self.mean_t = torch.zeros(k, device=self.device, **kw)
         self.s_hh = torch.zeros(d, d, device=self.device, **kw)
@@ -136,7 +136,7 @@ class NormalEquations:
     @property
     def count(self) -> int:
         """Number of samples accumulated."""
-        return int(self._n.item())
+        return int(self._n)
 
     def update(self, h: Tensor, t: Tensor) -> None:
         """Add a batch: ``h`` of shape ``(n, num_features)``, ``t`` of shape ``(n, num_outputs)``.
@@ -184,7 +184,7 @@ class NormalEquations:
     def _merge(
         self, n_b: float, m_h: Tensor, m_t: Tensor, s_hh: Tensor, s_ht: Tensor, s_tt: Tensor
     ) -> None:
-        n_a = float(self._n.item())
+        n_a = self._n
         n = n_a + n_b
         if n_b == 0:
             return
@@ -200,7 +200,7 @@ class NormalEquations:
             self.s_hh += s_hh
             self.s_ht += s_ht
             self.s_tt += s_tt
-        self._n.fill_(n)
+        self._n = n
 
     def merge(self, other: NormalEquations) -> NormalEquations:
         """Add another accumulator's statistics into this one (returns ``self``)."""
@@ -217,7 +217,7 @@ class NormalEquations:
             )
         dev = self.device
         self._merge(
-            float(other._n.item()),
+            other._n,
             other.mean_h.to(dev),
             other.mean_t.to(dev),
             other.s_hh.to(dev),
@@ -236,7 +236,7 @@ class NormalEquations:
         """
         if not _dist.is_distributed():
             return self
-        n_local = self._n.clone()
+        n_local = torch.tensor(self._n, dtype=torch.float64, device=self.device)
         sums = torch.cat([n_local.reshape(1), self.mean_h * n_local, self.mean_t * n_local])
         _dist.all_reduce_sum_(sums)
         n = sums[0]
@@ -252,7 +252,7 @@ class NormalEquations:
             self.mean_h.copy_(mean_h)
             self.mean_t.copy_(mean_t)
         _dist.all_reduce_sum_(self.s_hh, self.s_ht, self.s_tt)
-        self._n.copy_(n)
+        self._n = float(n.item())
         return self
 
     # -- solving --------------------------------------------------------------------------
@@ -275,7 +275,7 @@ class NormalEquations:
             A :class:`RidgeSolution` of float64 tensors.
         """
         _check_ridge(ridge, "NormalEquations.solve")
-        if self._n.item() == 0:
+        if self._n == 0:
             raise ValueError("NormalEquations.solve: no samples accumulated (call update first)")
         s_hh, rhs, mean_t = self.s_hh, self.s_ht, self.mean_t
         if start is not None:
@@ -319,7 +319,7 @@ class NormalEquations:
             "num_features": self.num_features,
             "num_outputs": self.num_outputs,
             "fit_intercept": self.fit_intercept,
-            "count": float(self._n.item()),
+            "count": self._n,
             "mean_h": self.mean_h.detach().cpu().clone(),
             "mean_t": self.mean_t.detach().cpu().clone(),
             "s_hh": self.s_hh.detach().cpu().clone(),
@@ -336,7 +336,7 @@ class NormalEquations:
                 f"fit_intercept)={sizes}, this accumulator is "
                 f"{(self.num_features, self.num_outputs, self.fit_intercept)}"
             )
-        self._n.fill_(float(state["count"]))
+        self._n = float(state["count"])
         for name in ("mean_h", "mean_t", "s_hh", "s_ht", "s_tt"):
             getattr(self, name).copy_(state[name])
 
