@@ -178,7 +178,7 @@ class NormalEquations:
                 "NormalEquations.update: `h` or `t` contains inf or nan (or values whose "
                 f"squares overflow {cdt}); nothing was accumulated from this batch"
             )
-        self._merge(float(n_b), m_h.to(f64), m_t.to(f64), s_hh, (h.T @ t).to(f64),
+        self._merge(float(n_b), m_h.to(f64), m_t.to(f64), s_hh, (t.T @ h).T.to(f64),
                     (t * t).sum(0).to(f64))  # fmt: skip
 
     def _merge(
