@@ -4,6 +4,8 @@
 * :class:`GenerativeGradientLoss`, :class:`ReferenceDecoder`, :func:`first_layer_filter_stats`
   (GGR, Reza & Jung, IEEE Access 2025, doi 10.1109/ACCESS.2025.3534216)
 * :class:`RifleScheduler`, :func:`find_classifier` (RIFLE, arXiv 2007.03349)
+* :func:`pinv_refit_dense`, :class:`NormalEquations`, :class:`RandomLayerTraining` (fast
+  retraining, arXiv 2008.07387)
 """
 
 from torch_recal import functional, models
@@ -15,6 +17,7 @@ from torch_recal.generative import (
     ReferenceDecoder,
     first_layer_filter_stats,
 )
+from torch_recal.refit import NormalEquations, RandomLayerTraining, RefitResult, pinv_refit_dense
 from torch_recal.rifle import RifleScheduler, find_classifier
 from torch_recal.surgery import calibrate, is_calibrated, register_block, uncalibrate
 
@@ -23,7 +26,10 @@ __version__ = "0.1.0"
 __all__ = [
     "FilterStats",
     "GenerativeGradientLoss",
+    "NormalEquations",
+    "RandomLayerTraining",
     "ReferenceDecoder",
+    "RefitResult",
     "ResponseCalibration",
     "RifleScheduler",
     "__version__",
@@ -34,6 +40,7 @@ __all__ = [
     "functional",
     "is_calibrated",
     "models",
+    "pinv_refit_dense",
     "register_block",
     "set_compile",
     "uncalibrate",

@@ -1,0 +1,190 @@
+"""Benchmark pinv_refit_dense: time vs scikit-learn and vs the bare GEMM, memory vs N, end to end.
+
+Side by side in one run, on the same float32 features:
+
+1. time: ``pinv_refit_dense`` streaming over batches vs scikit-learn
+   ``Ridge(solver="cholesky")`` on the materialised features vs the bare float32 ``H^T H``
+   GEMM over the whole matrix (the physical limit: the refit cannot do less arithmetic);
+2. memory: peak RSS of a streamed refit (features generated batch by batch) for growing N,
+   each in a fresh subprocess, next to the O(d^2 + d k) float64 statistics;
+3. end to end: refit of a CNN's classifier (one inference pass + solve) vs one SGD epoch.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/bench_refit.py            # full (a few minutes, 1 thread)
+    PYTHONPATH=. python benchmarks/bench_refit.py --quick    # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+# one BLAS thread everywhere (numpy/scikit-learn included), set before numpy is imported:
+# the box is shared, and the comparison must give every contender the same cores
+_THREADS = "1"
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, _THREADS)
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from torch_recal import pinv_refit_dense
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def features(n: int, d: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h = torch.relu(torch.randn(n, d, generator=g)) + 0.1  # post-ReLU pooled features
+    y = torch.randint(0, k, (n,), generator=g)
+    return h, y
+
+
+def bench_time(n: int, d: int, k: int, batch: int, repeats: int) -> dict:
+    from sklearn.linear_model import Ridge
+
+    h, y = features(n, d, k)
+    loader = [(h[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+    fc = nn.Linear(d, k)
+    ours = best_of(
+        lambda: pinv_refit_dense(fc, loader, ridge=1e-3, evaluate=False, assign=False), repeats
+    )
+    gemm = best_of(lambda: h.T @ h, repeats)
+    hn, tn = h.numpy(), np.eye(k, dtype=np.float32)[y.numpy()]
+    sk = best_of(lambda: Ridge(alpha=1e-3, solver="cholesky").fit(hn, tn), repeats)
+    return {"n": n, "d": d, "ours": ours, "sklearn": sk, "gemm": gemm}
+
+
+def _memory_child(n: int, d: int, k: int, batch: int) -> None:
+    """Runs in a subprocess: stream n generated samples, print the peak RSS in MiB."""
+    torch.set_num_threads(1)
+
+    def loader_of(total: int):
+        g = torch.Generator().manual_seed(0)
+        for i in range(0, total, batch):
+            m = min(batch, total - i)
+            yield torch.relu(torch.randn(m, d, generator=g)), torch.randint(0, k, (m,), generator=g)
+
+    def rss_mib(field: str) -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+    pinv_refit_dense(nn.Linear(d, k), loader_of(2 * batch), ridge=1e-3, evaluate=False)  # warm
+    try:  # reset the high-water mark so the peak is that of the refit alone (Linux)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    base = rss_mib("VmRSS")
+    pinv_refit_dense(nn.Linear(d, k), loader_of(n), ridge=1e-3, evaluate=False)
+    peak = rss_mib("VmHWM")
+    print(json.dumps({"n": n, "peak_mib": peak - base, "base_mib": base}))
+
+
+def bench_memory(ns: list[int], d: int, k: int, batch: int) -> list[dict]:
+    out = []
+    for n in ns:
+        code = (
+            "import sys; sys.path.insert(0, '.'); from benchmarks.bench_refit import _memory_child;"
+            f"_memory_child({n}, {d}, {k}, {batch})"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def bench_end_to_end(n: int, batch: int) -> dict:
+    from torch_recal.models import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20(in_chans=1)
+    x = torch.randn(n, 1, 28, 28)
+    y = torch.randint(0, 10, (n,))
+    loader = [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def sgd_epoch():
+        model.train()
+        for xb, yb in loader:
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    t0 = time.perf_counter()
+    sgd_epoch()
+    sgd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pinv_refit_dense(model.fc, loader, model=model, ridge=1e-3, evaluate=False)
+    refit = time.perf_counter() - t0
+    return {"n": n, "sgd_epoch": sgd, "refit": refit}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, seconds")
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    threads = os.environ["OMP_NUM_THREADS"]
+    print(f"torch {torch.__version__}, numpy {np.__version__}, {threads} BLAS thread(s), CPU")
+    k = 10
+    if args.quick:
+        sizes, repeats, mem_ns, e2e_n = [(6000, 256), (3000, 1024)], 1, [2000, 8000], 256
+    else:
+        sizes, repeats, mem_ns, e2e_n = (
+            [(60000, 512), (20000, 2048)],
+            3,
+            [20000, 80000, 320000],
+            2048,
+        )
+
+    print(f"\n1. time (best of {repeats}), float32 features, k=10, batches of 1024")
+    print("| N x d | ours (s) | sklearn cholesky (s) | bare H^T H GEMM (s) | ours/GEMM |", end="")
+    print(" sklearn/ours |")
+    print("|---|---|---|---|---|---|")
+    for n, d in sizes:
+        r = bench_time(n, d, k, 1024, repeats)
+        print(
+            f"| {n} x {d} | {r['ours']:.3f} | {r['sklearn']:.3f} | {r['gemm']:.3f} | "
+            f"{r['ours'] / r['gemm']:.2f} | {r['sklearn'] / r['ours']:.2f} |"
+        )
+
+    d = 512
+    stats_mib = (d * d + d * k + 2 * d + 2 * k) * 8 / 2**20
+    print(f"\n2. peak RSS, streamed refit, d={d}, batches of 1024", end="")
+    print(f" (float64 statistics: {stats_mib:.1f} MiB)")
+    print("| N | materialised H (MiB) | peak RSS above start (MiB) | RSS at start (MiB) |")
+    print("|---|---|---|---|")
+    for r in bench_memory(mem_ns, d, k, 1024):
+        mat = r["n"] * d * 4 / 2**20
+        print(f"| {r['n']} | {mat:.0f} | {r['peak_mib']:.0f} | {r['base_mib']:.0f} |")
+
+    print(f"\n3. end to end, resnet20(in_chans=1), {e2e_n} random 28x28 images, batch 128")
+    r = bench_end_to_end(e2e_n, 128)
+    print("| one SGD epoch (s) | refit fc: inference pass + solve (s) | refit/SGD |")
+    print("|---|---|---|")
+    print(f"| {r['sgd_epoch']:.2f} | {r['refit']:.2f} | {r['refit'] / r['sgd_epoch']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
