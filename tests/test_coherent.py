@@ -214,7 +214,7 @@ def test_default_selection_regularises_conv_and_linear_weights_only():
 
 
 # ----------------------------------------------------------------------------- toy problem
-def _digits_run(reg_kwargs, epochs=15):
+def _digits_run(reg_kwargs, epochs=10):
     from sklearn.datasets import load_digits
 
     x_np, y_np = load_digits(return_X_y=True)
