@@ -2,14 +2,15 @@
 
 An MLP (784-256-10) trained with SGD (lr 0.1, momentum 0.9) on a Fashion-MNIST subset (or
 the MNIST-5k digits when Fashion-MNIST is not installed), five ways, at the same strong L1
-strength:
+strength (default 0.03):
 
 * baseline: no regulariser;
 * plain strong L1: the L1 subgradient on every step (expected to collapse);
 * delayed strong L1: no regulariser for the first epoch, then on every step (the authors'
   earlier "Delayed Strong Regularization");
 * coherent L1: :class:`torch_recal.CoherentStrongReg` with its default gate (subgradient);
-* coherent L1 (prox): the same gate with the proximal soft-threshold form of L1.
+* plain strong L1 (prox) and coherent L1 (prox): the same two with the proximal
+  soft-threshold form of L1 instead of the subgradient.
 
 It prints test accuracy and the compression ratio (dense / non-zero weights, exact zeros)
 and saves a plot. Default run: a few minutes on 2 CPU cores; ``--smoke``: seconds.
@@ -35,7 +36,14 @@ from torch import nn
 
 from torch_recal import CoherentStrongReg, compression_report
 
-VARIANTS = ("baseline", "plain strong L1", "delayed strong L1", "coherent L1", "coherent L1 (prox)")
+VARIANTS = (
+    "baseline",
+    "plain strong L1",
+    "delayed strong L1",
+    "coherent L1",
+    "plain strong L1 (prox)",
+    "coherent L1 (prox)",
+)
 
 
 def make_model() -> nn.Module:
@@ -52,6 +60,8 @@ def run(variant: str, data, args, seed: int) -> dict:
         kw["gate"] = False
     elif variant == "delayed strong L1":
         kw.update(gate=False, delay=steps_per_epoch)
+    elif variant == "plain strong L1 (prox)":
+        kw.update(gate=False, l1_mode="prox", optimizer=opt)
     elif variant == "coherent L1 (prox)":
         kw.update(l1_mode="prox", optimizer=opt)
     reg = None if variant == "baseline" else CoherentStrongReg(model.named_parameters(), **kw)
@@ -71,7 +81,7 @@ def run(variant: str, data, args, seed: int) -> dict:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0], epochs=8)
-    p.add_argument("--strength", type=float, default=0.01, help="L1 strength for every variant")
+    p.add_argument("--strength", type=float, default=0.03, help="L1 strength for every variant")
     p.add_argument("--max-ratio", type=float, default=4.0, help="the gate's |r|/|g| limit")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=128)

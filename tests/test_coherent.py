@@ -26,8 +26,9 @@ def _np_measures(grads, weights, kind, strength):
     w = np.concatenate([x.detach().numpy().ravel() for x in weights]).astype(np.float64)
     r = strength * (np.sign(w) if kind == "l1" else w)
     cos = float(g @ r / (np.linalg.norm(g) * np.linalg.norm(r)))
-    ratio = float(np.linalg.norm(r) / np.linalg.norm(g))
-    return cos, ratio
+    # L1: |r| counts every entry (the subgradient at w == 0 can reach `strength`)
+    r_norm = strength * math.sqrt(w.size) if kind == "l1" else np.linalg.norm(r)
+    return cos, float(r_norm / np.linalg.norm(g))
 
 
 def _params_with_grads(weights, grads):
@@ -192,17 +193,35 @@ def test_prox_l1_equals_numpy_soft_threshold_and_zeros_are_exact():
 
 
 def test_subgradient_l1_adds_sign_and_zeroes_crossings():
-    w = torch.tensor([[0.05, -0.3], [0.0, 1.0]])
+    w = torch.tensor([[0.05, -0.3], [0.0, 1.0], [0.0, 0.5]])
     p = nn.Parameter(w.clone())
     opt = torch.optim.SGD([p], lr=1.0)
     reg = CoherentStrongReg([p], kind="l1", strength=0.1, max_ratio=None)
-    p.grad = torch.tensor([[0.2, 0.1], [-0.5, 0.0]])
+    p.grad = torch.tensor([[0.2, 0.1], [-0.5, 0.0], [0.08, 0.0]])
     reg.step()
-    torch.testing.assert_close(p.grad, torch.tensor([[0.3, 0.0], [-0.5, 0.1]]))
-    opt.step()  # -> [[-0.25, -0.3], [0.5, 0.9]]: the first weight crossed zero
+    # w != 0: g + 0.1 sign(w); w == 0: sign(g) max(|g| - 0.1, 0) (-0.4, and 0 for |g| <= 0.1)
+    torch.testing.assert_close(p.grad, torch.tensor([[0.3, 0.0], [-0.4, 0.1], [0.0, 0.1]]))
+    opt.step()  # -> [[-0.25, -0.3], [0.4, 0.9], [0.0, 0.4]]: the first weight crossed zero
     reg.after_step()
-    # crossed -> exactly 0; the former zero may grow from the loss gradient; others unchanged
-    assert torch.equal(p.detach(), torch.tensor([[0.0, -0.3], [0.5, 0.9]]))
+    assert torch.equal(p.detach(), torch.tensor([[0.0, -0.3], [0.4, 0.9], [0.0, 0.4]]))
+
+
+def test_subgradient_l1_zeros_stay_zero_under_momentum():
+    p = nn.Parameter(torch.tensor([[0.0, 0.0, 0.3]]))
+    opt = torch.optim.SGD([p], lr=0.5, momentum=0.9)
+    reg = CoherentStrongReg([p], kind="l1", strength=0.1, max_ratio=None)
+    p.grad = torch.tensor([[0.5, 0.0, 0.0]])  # the first zero weight is pushed hard
+    reg.step()
+    opt.step()
+    reg.after_step()
+    assert p[0, 0] != 0  # |g| > strength: it left zero
+    for _ in range(5):  # small loss gradients: a zero stays exactly zero despite momentum
+        p.grad = torch.tensor([[0.0, 0.05, 0.0]])
+        reg.step()
+        opt.step()
+        reg.after_step()
+    assert p[0, 1] == 0
+    assert (p[0, 2] == 0) or (p[0, 2] > 0)  # crossed zero at some step -> exact zero, never < 0
 
 
 def test_default_selection_regularises_conv_and_linear_weights_only():
@@ -258,7 +277,7 @@ def test_plain_strong_l1_collapses_while_coherent_keeps_learning_and_ends_sparse
     acc, loss, report, reg = _digits_run({})
     assert acc > 0.6
     assert loss < 0.8 * math.log(10)
-    assert report.sparsity > 0.1  # exact zeros
+    assert report.sparsity > 0.5  # exact zeros (measured: 0.96)
     assert 0 < sum(h["active"] for h in reg.history) < len(reg.history)  # the gate acted
     print(f"plain: acc {plain_acc:.3f}; coherent: acc {acc:.3f}, sparsity {report.sparsity:.3f}")
 

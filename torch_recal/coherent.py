@@ -93,11 +93,13 @@ class CoherentStrongReg:
     the coherence of the current loss gradients with the regulariser's gradient, updates the
     on/off state and, when on, adds the regulariser's gradient to ``.grad`` (L2:
     ``strength * w``, exactly what SGD's ``weight_decay`` adds; L1 with
-    ``l1_mode="subgradient"``: ``strength * sign(w)``). Call :meth:`after_step` after
+    ``l1_mode="subgradient"``: ``strength * sign(w)``, and at ``w == 0`` the minimum-norm
+    subgradient ``sign(g) max(|g| - strength, 0)``). Call :meth:`after_step` after
     ``optimizer.step()``: for ``l1_mode="prox"`` it applies the soft-threshold
     ``w <- sign(w) max(|w| - lr * strength, 0)`` (the regulariser is not added to the
     gradient in that mode); for ``"subgradient"`` it sets to exactly zero the weights that
-    the step pushed across zero, and keeps zeros at zero while the regulariser is on. So in
+    the step pushed across zero, and keeps a zero weight at zero unless its loss gradient
+    exceeded ``strength`` (momentum cannot drag it away). So in
     both L1 modes the weights the regulariser removes are exact zeros, which is what
     :func:`compression_report` counts.
 
@@ -193,6 +195,7 @@ class CoherentStrongReg:
                 f"{name}: l1_mode='prox' needs `lr=` or `optimizer=` for the threshold"
             )
         self.names, self.params = _select_params(params, bool(weights_only))
+        self._numel = sum(p.numel() for p in self.params)
         self.kind = kind
         self.strength = float(strength)
         self.l1_mode = l1_mode
@@ -210,6 +213,7 @@ class CoherentStrongReg:
         self.history: list[dict[str, Any]] = []
         self._pending: str | None = None  # what after_step() has to do for the last step()
         self._signs: list[Tensor] | None = None
+        self._leave_zero: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ the gate
     def _incoherent(self, cosine: float, ratio: float) -> bool:
@@ -253,17 +257,19 @@ class CoherentStrongReg:
         grads = [p.grad for p in self.params]
         stats = coherence_statistics(grads, self.params, self.kind)  # type: ignore[arg-type]
         dot, gg, rr = stats.tolist()  # the one host-device sync of the step
-        g_norm, r_norm = math.sqrt(gg), self.strength * math.sqrt(rr)
+        g_norm = math.sqrt(gg)
+        # L1: at w == 0 the regulariser's subgradient can reach `strength` in size (it is
+        # what holds a zero weight at zero), so |r| counts every entry: strength * sqrt(n).
+        r_norm = self.strength * math.sqrt(self._numel if self.kind == "l1" else rr)
         cosine = dot / math.sqrt(gg * rr) if gg > 0 and rr > 0 else 0.0
         ratio = r_norm / g_norm if g_norm > 0 else (math.inf if r_norm > 0 else 0.0)
         self._update_state(cosine, ratio)
-        self._pending, self._signs = None, None
+        self._pending, self._signs, self._leave_zero = None, None, None
         if self.is_active:
             if self.kind == "l2":
                 torch._foreach_add_(grads, self.params, alpha=self.strength)
             elif self.l1_mode == "subgradient":
-                self._signs = torch._foreach_sign(self.params)
-                torch._foreach_add_(grads, self._signs, alpha=self.strength)
+                self._l1_subgradient_(grads)  # type: ignore[arg-type]
                 self._pending = "truncate"
             else:
                 self._pending = "prox"
@@ -278,6 +284,32 @@ class CoherentStrongReg:
             }
         )
         self.num_steps += 1
+
+    def _l1_subgradient_(self, grads: list[Tensor]) -> None:
+        """``g + strength * sign(w)`` where ``w != 0``; at ``w == 0`` the minimum-norm
+        subgradient ``sign(g) * max(|g| - strength, 0)`` (zero unless the loss gradient beats
+        the regulariser). Keeps what :meth:`after_step` needs."""
+        lam = self.strength
+        signs = torch._foreach_sign(self.params)
+        at_zero = torch._foreach_abs(signs)  # 1 where w != 0 ...
+        torch._foreach_neg_(at_zero)
+        torch._foreach_add_(at_zero, 1.0)  # ... now 1 where w == 0
+        leaves = torch._foreach_abs(grads)  # 1 where |g| > strength, else 0
+        torch._foreach_sub_(leaves, lam)
+        torch._foreach_sign_(leaves)
+        torch._foreach_clamp_min_(leaves, 0.0)
+        # at zero: g - strength * sign(g) where |g| > strength, else 0
+        shrink = torch._foreach_sign(grads)
+        torch._foreach_mul_(shrink, -lam)
+        torch._foreach_add_(shrink, grads)
+        torch._foreach_mul_(shrink, leaves)
+        # elsewhere: g + strength * sign(w)   (sign(w) = 0 at zero, so that term vanishes)
+        torch._foreach_mul_(grads, torch._foreach_abs(signs))
+        torch._foreach_add_(grads, signs, alpha=lam)
+        torch._foreach_mul_(shrink, at_zero)
+        torch._foreach_add_(grads, shrink)
+        torch._foreach_mul_(at_zero, leaves)  # zeros allowed to leave zero
+        self._signs, self._leave_zero = signs, at_zero
 
     def _group_lrs(self) -> list[float]:
         if self.optimizer is None:
@@ -299,7 +331,8 @@ class CoherentStrongReg:
 
         ``l1_mode="prox"``: soft-threshold by ``lr * strength`` (zeros stay zero unless the
         loss step moved them by more than the threshold). ``"subgradient"``: weights whose
-        sign the step flipped, or that were zero, are set to exactly zero.
+        sign the step flipped are set to exactly zero, and zero weights whose loss gradient
+        did not exceed ``strength`` are put back to exactly zero.
         """
         pending, self._pending = self._pending, None
         if pending == "prox":
@@ -308,17 +341,16 @@ class CoherentStrongReg:
                 by_lr.setdefault(lr, []).append(p)
             for lr, tensors in by_lr.items():
                 soft_threshold_(tensors, lr * self.strength)
-        elif pending == "truncate" and self._signs is not None:
-            # keep = 1 where the weight stayed on its side or was zero before the step (it
-            # may grow back from the loss gradient alone), 0 where the step crossed zero.
+        elif pending == "truncate" and self._signs is not None and self._leave_zero is not None:
+            # keep = 1 where the weight stayed on its side, or was zero and its loss gradient
+            # beat the regulariser; 0 where the step crossed zero, or moved a zero weight
+            # that should have stayed (e.g. through the momentum buffer).
             keep = torch._foreach_sign(self.params)
             torch._foreach_mul_(keep, self._signs)  # +1 same side, -1 crossed, 0 was zero
             torch._foreach_clamp_min_(keep, 0.0)
-            torch._foreach_abs_(self._signs)
-            torch._foreach_sub_(keep, self._signs)
-            torch._foreach_add_(keep, 1.0)
+            torch._foreach_add_(keep, self._leave_zero)
             torch._foreach_mul_(self.params, keep)
-        self._signs = None
+        self._signs, self._leave_zero = None, None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -357,7 +389,7 @@ class CoherentStrongReg:
         self.is_active = bool(state["is_active"])
         self._streak = streak
         self.history = [dict(h) for h in state["history"]]
-        self._pending, self._signs = None, None
+        self._pending, self._signs, self._leave_zero = None, None, None
 
     def __repr__(self) -> str:
         return (
