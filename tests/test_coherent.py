@@ -279,7 +279,11 @@ def test_plain_strong_l1_collapses_while_coherent_keeps_learning_and_ends_sparse
     assert loss < 0.8 * math.log(10)
     assert report.sparsity > 0.5  # exact zeros (measured: 0.96)
     assert 0 < sum(h["active"] for h in reg.history) < len(reg.history)  # the gate acted
-    print(f"plain: acc {plain_acc:.3f}; coherent: acc {acc:.3f}, sparsity {report.sparsity:.3f}")
+    on = sum(h["active"] for h in reg.history) / len(reg.history)
+    print(
+        f"plain: acc {plain_acc:.3f}; coherent: acc {acc:.3f}, sparsity {report.sparsity:.3f}, "
+        f"compression {report.compression_ratio:.1f}x, regulariser on {on:.2f} of the steps"
+    )
 
 
 # ----------------------------------------------------------------------------- state
