@@ -448,9 +448,11 @@ class CompressionReport:
         rows.append(("total", str(self.total), str(self.zeros), f"{self.sparsity:.2%}"))
         head = ("tensor", "params", "zeros", "sparsity")
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-        line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
+        line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()
         out = [line, "-" * len(line)]
-        out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        out += [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
         out.append(f"compression ratio (dense / non-zero): {self.compression_ratio:.2f}x")
         return "\n".join(out)
 
