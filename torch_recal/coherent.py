@@ -8,7 +8,8 @@ coherent, judged each step from the loss gradient ``g`` (the ``.grad`` that
 ``r`` over all regularised tensors:
 
 * ``cosine = <g, r> / (|g| |r|)`` and ``ratio = |r| / |g|`` (one fused reduction, one
-  host-device sync per step);
+  host-device sync per step); for L1, ``|r| = strength * sqrt(n)`` over the ``n``
+  regularised weights (the subgradient at a zero weight can reach ``strength``);
 * a step is *incoherent* when ``ratio > max_ratio`` (the loss gradient is dominated) or
   ``cosine < min_cosine`` (it points against the regulariser);
 * after ``window`` consecutive incoherent steps the regulariser is switched off; with
