@@ -96,8 +96,17 @@ def main() -> None:
     rows.append(["refit", "", f"{refit_acc:.4f}", f"{report.compression_ratio:.2f}x", "", "",
                  f"{result.seconds:.1f}"])  # fmt: skip
     print()
-    headers = ["epoch", "train loss", "test acc", "compression", "L1 gate", "trained blocks", "s"]
-    print_table(headers + ["note"], [r + [""] * (len(headers) + 1 - len(r)) for r in rows])
+    headers = [
+        "epoch",
+        "train loss",
+        "test acc",
+        "compression",
+        "L1 gate",
+        "trained blocks",
+        "s",
+        "note",
+    ]
+    print_table(headers, [r + [""] * (len(headers) - len(r)) for r in rows])
     var = first_layer_filter_stats(model.conv1).variance.mean().item()
     print(f"\nconv1 mean filter variance {var:.4f}; {report.zeros:,} of {report.total:,} "
           f"regularised weights are exactly zero")  # fmt: skip

@@ -15,7 +15,12 @@ from torch import Tensor
 
 from torch_recal._compile import lazy_compile
 
-__all__ = ["response_calibration", "response_calibration_residual"]
+__all__ = [
+    "coherence_statistics",
+    "response_calibration",
+    "response_calibration_residual",
+    "soft_threshold_",
+]
 
 _CONFIDENCES = ("cdf", "pdf")
 _SQRT_HALF = math.sqrt(0.5)
@@ -273,3 +278,90 @@ def response_calibration_residual(
         raise ValueError(f"{fn}: `shortcut` must have u's shape {tuple(u.shape)}, got {got}")
     mu_b, sigma_b = _broadcastable(mu, u.ndim, cdim), _broadcastable(sigma, u.ndim, cdim)
     return _apply(u, shortcut, mu_b, sigma_b, float(eps), confidence == "pdf", bool(relu))
+
+
+# --- gradient-coherent strong regularisation (torch_recal.coherent) -------------------------
+# These work on lists of tensors with ``torch._foreach_*`` multi-tensor kernels (one launch
+# per op for the whole list on CUDA), so they are not wrapped in ``lazy_compile``: a compiled
+# list function would be recompiled for every model's list length for no extra fusion.
+
+_REG_KINDS = ("l1", "l2")
+
+
+def coherence_statistics(grads: list[Tensor], weights: list[Tensor], kind: str = "l1") -> Tensor:
+    """Fused reductions behind the coherence gate: ``<g, r>``, ``||g||^2`` and ``||r||^2``.
+
+    ``g`` is the loss gradient and ``r`` the gradient of the regulariser at unit strength,
+    both taken over all tensors of the lists at once (as one long vector): ``r = sign(w)``
+    for ``kind="l1"`` and ``r = w`` for ``kind="l2"``. The result stays on the device, in
+    float32 (or wider), so the caller decides when to synchronise.
+
+    Paper: Park et al., "Gradient-Coherent Strong Regularization for Deep Neural Networks",
+    https://arxiv.org/abs/1811.08056
+
+    Args:
+        grads: loss gradients, one per regularised tensor.
+        weights: the regularised tensors, same shapes as ``grads``.
+        kind: ``"l1"`` or ``"l2"``.
+
+    Returns:
+        Tensor of shape ``(3,)``: ``[dot(g, r), |g|^2, |r|^2]``.
+
+    Example:
+        >>> import torch
+        >>> from torch_recal.functional import coherence_statistics
+        >>> w = [torch.tensor([1.0, -2.0]), torch.tensor([[0.0, 3.0]])]
+        >>> g = [torch.tensor([1.0, 1.0]), torch.tensor([[5.0, 1.0]])]
+        >>> coherence_statistics(g, w, "l1").tolist()  # r = sign(w) = [1, -1, 0, 1]
+        [1.0, 28.0, 3.0]
+    """
+    if kind not in _REG_KINDS:
+        raise ValueError(f"coherence_statistics: `kind` must be one of {_REG_KINDS}, got {kind!r}")
+    if len(grads) != len(weights) or not grads:
+        raise ValueError(
+            "coherence_statistics: `grads` and `weights` must be non-empty lists of equal "
+            f"length, got {len(grads)} and {len(weights)}"
+        )
+    reg = torch._foreach_sign(weights) if kind == "l1" else list(weights)
+    dtype = torch.promote_types(grads[0].dtype, torch.float32)
+    dots = [
+        torch.vdot(g.reshape(-1).to(dtype), r.reshape(-1).to(dtype))
+        for g, r in zip(grads, reg, strict=True)
+    ]
+    g_norms = torch.stack(torch._foreach_norm(grads)).to(dtype)
+    r_norms = torch.stack(torch._foreach_norm(reg)).to(dtype)
+    return torch.stack([torch.stack(dots).sum(), g_norms.square().sum(), r_norms.square().sum()])
+
+
+def soft_threshold_(tensors: list[Tensor], threshold: float) -> None:
+    """In place, ``w <- sign(w) * max(|w| - threshold, 0)`` on every tensor of the list.
+
+    The proximal operator of ``threshold * ||w||_1``: entries with ``|w| <= threshold``
+    become exactly zero.
+
+    Args:
+        tensors: floating-point tensors, changed in place.
+        threshold: non-negative amount subtracted from every magnitude.
+
+    Example:
+        >>> import torch
+        >>> from torch_recal.functional import soft_threshold_
+        >>> w = [torch.tensor([0.5, -0.05, -2.0])]
+        >>> soft_threshold_(w, 0.1)
+        >>> torch.allclose(w[0], torch.tensor([0.4, 0.0, -1.9]))
+        True
+        >>> int(torch.count_nonzero(w[0]))
+        2
+    """
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(
+            f"soft_threshold_: `threshold` must be a non-negative finite float, got {threshold!r}"
+        )
+    if not tensors or threshold == 0:
+        return
+    with torch.no_grad():
+        signs = torch._foreach_sign(tensors)
+        torch._foreach_abs_(tensors)
+        torch._foreach_sub_(tensors, float(threshold))
+        torch._foreach_clamp_min_(tensors, 0.0)
+        torch._foreach_mul_(tensors, signs)

@@ -1,0 +1,114 @@
+"""Step overhead of CoherentStrongReg relative to a plain SGD training step.
+
+One run prints, side by side, the median time of a plain training step (forward, backward,
+SGD with momentum) on a CIFAR-style ResNet batch and the median time of the regulariser's
+own work per step (``reg.step()`` + ``reg.after_step()`` on that batch's gradients), for
+L2, L1 subgradient and L1 prox, and the overhead = regulariser / plain step (target:
+<= 5 %). The regulariser is kept on (``gate=False``) so its full work (the fused coherence
+reductions, the one host sync and the foreach update) is timed. Timing the regulariser
+separately keeps the measure usable on a busy machine, where whole-step times vary by more
+than the overhead itself.
+
+    PYTHONPATH=. python benchmarks/bench_coherent.py --model resnet20 --batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from torch_recal import CoherentStrongReg, models
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _plain_step_times(model, x, y, device, steps, warmup):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _reg_times(model, x, y, device, reg_kwargs, repeats):
+    """Time reg.step() + reg.after_step() alone, on real gradients of one backward."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    reg = CoherentStrongReg(model.named_parameters(), **reg_kwargs, optimizer=opt)
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        reg.step()
+        reg.after_step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet20", choices=["resnet20", "resnet56"])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5, help="timed plain steps per round")
+    p.add_argument("--repeats", type=int, default=20, help="timed regulariser calls per round")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (1: stable timings on a busy machine)"
+    )
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    model = getattr(models, args.model)(num_classes=10).to(args.device)
+    x = torch.randn(args.batch, 3, 32, 32, device=args.device)
+    y = torch.randint(0, 10, (args.batch,), device=args.device)
+    variants = {
+        "L2": {"kind": "l2", "strength": 1e-3, "gate": False},
+        "L1 subgradient": {"kind": "l1", "strength": 1e-4, "gate": False},
+        "L1 prox": {"kind": "l1", "strength": 1e-4, "l1_mode": "prox", "gate": False},
+    }
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain: list[float] = []
+    extra: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.rounds):  # interleave, so machine noise hits every variant alike
+        model.load_state_dict(state)
+        plain += _plain_step_times(model, x, y, args.device, args.steps, args.warmup)
+        for name, kw in variants.items():
+            model.load_state_dict(state)
+            extra[name] += _reg_times(model, x, y, args.device, kw, args.repeats)
+    base = statistics.median(plain)
+    n_weights = sum(p.numel() for n, p in model.named_parameters() if p.ndim >= 2)
+    print(
+        f"{args.model}, batch {args.batch}, device {args.device}, threads "
+        f"{torch.get_num_threads()}, {n_weights} regularised weights; medians of "
+        f"{len(plain)} plain steps and {args.rounds * args.repeats} regulariser calls"
+    )
+    print("| variant | plain SGD step ms | reg.step()+after_step() ms | overhead |")
+    print("|---|---|---|---|")
+    for name, ts in extra.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {base * 1e3:.1f} | {med * 1e3:.2f} | {100 * med / base:.2f}% |")
+    print("target: overhead <= 5%")
+
+
+if __name__ == "__main__":
+    main()
