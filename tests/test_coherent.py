@@ -474,3 +474,17 @@ def test_example_smoke_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "compression" in out.stdout
     assert any(tmp_path.glob("*.png"))
+
+
+def test_tensors_frozen_after_construction_are_skipped_not_an_error():
+    # RandomLayerTraining and RIFLE-style fine-tuning freeze layers between steps
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    reg = CoherentStrongReg(model.named_parameters(), kind="l2", strength=0.5, gate=False)
+    model[0].weight.requires_grad_(False)
+    frozen_before = model[0].weight.detach().clone()
+    model(torch.randn(5, 3)).sum().backward()
+    loss_grad = model[1].weight.grad.clone()
+    reg.step()
+    assert model[0].weight.grad is None
+    torch.testing.assert_close(model[1].weight.grad, loss_grad + 0.5 * model[1].weight)
+    assert torch.equal(model[0].weight, frozen_before)

@@ -196,7 +196,7 @@ class CoherentStrongReg:
                 f"{name}: l1_mode='prox' needs `lr=` or `optimizer=` for the threshold"
             )
         self.names, self.params = _select_params(params, bool(weights_only))
-        self._numel = sum(p.numel() for p in self.params)
+        self._live: tuple[list[str], list[Tensor]] = (self.names, self.params)
         self.kind = kind
         self.strength = float(strength)
         self.l1_mode = l1_mode
@@ -249,28 +249,35 @@ class CoherentStrongReg:
         Raises:
             RuntimeError: a regularised parameter has no ``.grad``.
         """
-        missing = [n for n, p in zip(self.names, self.params, strict=True) if p.grad is None]
-        if missing:
+        # Tensors frozen right now (requires_grad=False, e.g. by RandomLayerTraining) are
+        # neither updated by the optimizer nor regularised in this step.
+        live = [(n, p) for n, p in zip(self.names, self.params, strict=True) if p.requires_grad]
+        missing = [n for n, p in live if p.grad is None]
+        if missing or not live:
             raise RuntimeError(
                 "CoherentStrongReg.step: these regularised parameters have no .grad (call "
-                f"step() after loss.backward(), and pass only parameters the loss uses): {missing}"
+                f"step() after loss.backward(), and pass only parameters the loss uses): "
+                f"{missing or 'none requires grad'}"
             )
-        grads = [p.grad for p in self.params]
-        stats = coherence_statistics(grads, self.params, self.kind)  # type: ignore[arg-type]
+        names, params = [n for n, _ in live], [p for _, p in live]
+        grads = [p.grad for p in params]
+        stats = coherence_statistics(grads, params, self.kind)  # type: ignore[arg-type]
         dot, gg, rr = stats.tolist()  # the one host-device sync of the step
         g_norm = math.sqrt(gg)
         # L1: at w == 0 the regulariser's subgradient can reach `strength` in size (it is
         # what holds a zero weight at zero), so |r| counts every entry: strength * sqrt(n).
-        r_norm = self.strength * math.sqrt(self._numel if self.kind == "l1" else rr)
+        numel = sum(p.numel() for p in params)
+        r_norm = self.strength * math.sqrt(numel if self.kind == "l1" else rr)
         cosine = dot / math.sqrt(gg * rr) if gg > 0 and rr > 0 else 0.0
         ratio = r_norm / g_norm if g_norm > 0 else (math.inf if r_norm > 0 else 0.0)
         self._update_state(cosine, ratio)
         self._pending, self._signs, self._leave_zero = None, None, None
+        self._live = (names, params)
         if self.is_active:
             if self.kind == "l2":
-                torch._foreach_add_(grads, self.params, alpha=self.strength)
+                torch._foreach_add_(grads, params, alpha=self.strength)
             elif self.l1_mode == "subgradient":
-                self._l1_subgradient_(grads)  # type: ignore[arg-type]
+                self._l1_subgradient_(grads, params)  # type: ignore[arg-type]
                 self._pending = "truncate"
             else:
                 self._pending = "prox"
@@ -286,12 +293,12 @@ class CoherentStrongReg:
         )
         self.num_steps += 1
 
-    def _l1_subgradient_(self, grads: list[Tensor]) -> None:
+    def _l1_subgradient_(self, grads: list[Tensor], params: list[Tensor]) -> None:
         """``g + strength * sign(w)`` where ``w != 0``; at ``w == 0`` the minimum-norm
         subgradient ``sign(g) * max(|g| - strength, 0)`` (zero unless the loss gradient beats
         the regulariser). Keeps what :meth:`after_step` needs."""
         lam = self.strength
-        signs = torch._foreach_sign(self.params)
+        signs = torch._foreach_sign(params)
         at_zero = torch._foreach_abs(signs)  # 1 where w != 0 ...
         torch._foreach_neg_(at_zero)
         torch._foreach_add_(at_zero, 1.0)  # ... now 1 where w == 0
@@ -312,15 +319,15 @@ class CoherentStrongReg:
         torch._foreach_mul_(at_zero, leaves)  # zeros allowed to leave zero
         self._signs, self._leave_zero = signs, at_zero
 
-    def _group_lrs(self) -> list[float]:
+    def _group_lrs(self, names: list[str], params: list[Tensor]) -> list[float]:
         if self.optimizer is None:
-            return [float(self.lr)] * len(self.params)  # type: ignore[arg-type]
+            return [float(self.lr)] * len(params)  # type: ignore[arg-type]
         lr_of: dict[int, float] = {}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 lr_of[id(p)] = float(group["lr"])
         out = []
-        for n, p in zip(self.names, self.params, strict=True):
+        for n, p in zip(names, params, strict=True):
             if id(p) not in lr_of:
                 raise ValueError(f"CoherentStrongReg.after_step: `{n}` is not in `optimizer`")
             out.append(lr_of[id(p)])
@@ -336,9 +343,10 @@ class CoherentStrongReg:
         did not exceed ``strength`` are put back to exactly zero.
         """
         pending, self._pending = self._pending, None
+        names, params = self._live
         if pending == "prox":
             by_lr: dict[float, list[Tensor]] = {}
-            for p, lr in zip(self.params, self._group_lrs(), strict=True):
+            for p, lr in zip(params, self._group_lrs(names, params), strict=True):
                 by_lr.setdefault(lr, []).append(p)
             for lr, tensors in by_lr.items():
                 soft_threshold_(tensors, lr * self.strength)
@@ -346,11 +354,11 @@ class CoherentStrongReg:
             # keep = 1 where the weight stayed on its side, or was zero and its loss gradient
             # beat the regulariser; 0 where the step crossed zero, or moved a zero weight
             # that should have stayed (e.g. through the momentum buffer).
-            keep = torch._foreach_sign(self.params)
+            keep = torch._foreach_sign(params)
             torch._foreach_mul_(keep, self._signs)  # +1 same side, -1 crossed, 0 was zero
             torch._foreach_clamp_min_(keep, 0.0)
             torch._foreach_add_(keep, self._leave_zero)
-            torch._foreach_mul_(self.params, keep)
+            torch._foreach_mul_(params, keep)
         self._signs, self._leave_zero = None, None
 
     # ------------------------------------------------------------------ state
