@@ -312,8 +312,9 @@ def coherence_statistics(grads: list[Tensor], weights: list[Tensor], kind: str =
         >>> from torch_recal.functional import coherence_statistics
         >>> w = [torch.tensor([1.0, -2.0]), torch.tensor([[0.0, 3.0]])]
         >>> g = [torch.tensor([1.0, 1.0]), torch.tensor([[5.0, 1.0]])]
-        >>> coherence_statistics(g, w, "l1").tolist()  # r = sign(w) = [1, -1, 0, 1]
-        [1.0, 28.0, 3.0]
+        >>> dot, g2, r2 = coherence_statistics(g, w, "l1").tolist()  # r = sign(w)
+        >>> dot, g2, r2
+        (1.0, 28.0, 3.0)
     """
     if kind not in _REG_KINDS:
         raise ValueError(f"coherence_statistics: `kind` must be one of {_REG_KINDS}, got {kind!r}")
