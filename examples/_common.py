@@ -180,6 +180,16 @@ def fit(
     return {"loss": loss, "acc": curve[-1], "curve": curve, "seconds": seconds, "params": n_params}
 
 
+def save_figure(args: argparse.Namespace, fig, name: str) -> Path:
+    """Lay out, write ``<args.out>/<name>``, close, and say where; returns the path."""
+    fig.tight_layout()
+    path = out_path(args, name)
+    fig.savefig(path, dpi=120)
+    plt().close(fig)
+    print(f"plot written to {path}")
+    return path
+
+
 def plot_curves(
     args: argparse.Namespace, results: dict[str, list[dict]], title: str, name: str
 ) -> Path:
@@ -194,11 +204,7 @@ def plot_curves(
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path = out_path(args, name)
-    fig.savefig(path, dpi=120)
-    pyplot.close(fig)
-    return path
+    return save_figure(args, fig, name)
 
 
 def report(args: argparse.Namespace, results: dict[str, list[dict]], title: str, plot: str) -> None:
@@ -210,4 +216,4 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]], title: str,
     ]  # fmt: skip
     print()
     print_table(["model", "params", "final train loss", "test accuracy", "train s/run"], rows)
-    print(f"plot written to {plot_curves(args, results, title, plot)}")
+    plot_curves(args, results, title, plot)

@@ -19,7 +19,7 @@ recipe. Prints a per-epoch table and writes ``outputs/all_in_one.png``.
 from __future__ import annotations
 
 import torch
-from _common import Timer, accuracy, batches, get_data, out_path, parser, plt, print_table, tqdm
+from _common import Timer, accuracy, batches, get_data, parser, plt, print_table, save_figure, tqdm
 from torch import nn
 
 from torch_recal import (
@@ -122,10 +122,7 @@ def main() -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title("all five pieces (dashed: RIFLE reset)")
     ax.legend()
-    fig.tight_layout()
-    path = out_path(args, "all_in_one.png")
-    fig.savefig(path, dpi=120)
-    print(f"plot written to {path}")
+    save_figure(args, fig, "all_in_one.png")
 
 
 if __name__ == "__main__":

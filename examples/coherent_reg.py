@@ -26,10 +26,10 @@ from _common import (
     accuracy,
     get_data,
     mean_std,
-    out_path,
     parser,
     plt,
     print_table,
+    save_figure,
     train_epoch,
 )
 from torch import nn
@@ -119,10 +119,7 @@ def main() -> None:
     ax1.legend(fontsize=7)
     ax2.set(ylabel="compression ratio (dense / non-zero)", yscale="log", title="seed 0")
     ax2.tick_params(axis="x", labelrotation=30, labelsize=7)
-    fig.tight_layout()
-    path = out_path(args, "coherent_reg.png")
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save_figure(args, fig, "coherent_reg.png")
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ from _common import (
     batches,
     get_data,
     mean_std,
-    out_path,
     parser,
     plt,
     print_table,
+    save_figure,
     train_epoch,
 )
 
@@ -181,10 +181,7 @@ def main() -> None:
     axes[1].set_ylim(max(0.0, low - 0.02), min(1.0, max(max(a) for a in accs) + 0.01))
     axes[1].set_ylabel(f"test accuracy (mean of {len(results)} seed(s))")
     axes[1].set_title(f"{data.name}, {args.model}")
-    fig.tight_layout()
-    path = out_path(args, "ggr.png")
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save_figure(args, fig, "ggr.png")
 
 
 if __name__ == "__main__":

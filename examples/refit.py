@@ -38,10 +38,10 @@ from _common import (
     batches,
     get_data,
     mean_std,
-    out_path,
     parser,
     plt,
     print_table,
+    save_figure,
     train_epoch,
 )
 
@@ -152,10 +152,7 @@ def main() -> None:
     axes[1].barh(names, times)
     axes[1].set_xlabel("wall time (s)")
     fig.suptitle(f"fast retraining, {data.name}, {len(data.train_y)} train images")
-    fig.tight_layout()
-    path = out_path(args, "refit.png")
-    fig.savefig(path, dpi=100)
-    print(f"saved {path}")
+    save_figure(args, fig, "refit.png")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from _common import (
     parser,
     plt,
     print_table,
+    save_figure,
     train_epoch,
 )
 from data import Data
@@ -180,11 +181,7 @@ def main() -> None:
     ax.set_ylabel("test accuracy (classes 0-4)")
     ax.set_title(f"fine-tuning on {args.n_target} images, {args.seeds} seeds")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_path(args, "rifle.png")
-    fig.savefig(path, dpi=120)
-    pyplot.close(fig)
-    print(f"plot written to {path}")
+    save_figure(args, fig, "rifle.png")
     plot_schedule(args, out_path(args, "rifle_schedule.png"))
 
 
