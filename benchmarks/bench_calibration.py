@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import median_time, table
+from _timing import interleaved, table
 
 import torch_recal
 from torch_recal.functional import response_calibration_residual
@@ -45,9 +45,15 @@ def bench_device(
     sigma = torch.rand(shape[:2], device=device) + 0.5
     limit_fn = torch.compile(lambda a, b: torch.relu(a + b), fullgraph=True)
     with torch.no_grad():
-        t_fused = median_time(lambda: response_calibration_residual(u, s, mu, sigma), device)
-        t_limit = median_time(lambda: limit_fn(u, s), device)
-        t_naive = median_time(lambda: naive(u, s, mu, sigma), device)
+        t = interleaved(
+            {
+                "fused": lambda: response_calibration_residual(u, s, mu, sigma),
+                "limit": lambda: limit_fn(u, s),
+                "naive": lambda: naive(u, s, mu, sigma),
+            },
+            device,
+        )
+    t_fused, t_limit, t_naive = t["fused"], t["limit"], t["naive"]
     gbytes = 3 * u.numel() * u.element_size() / 1e9  # read u, s; write out
 
     c = block_shape[1]
@@ -62,8 +68,8 @@ def bench_device(
 
         return run
 
-    t_plain = median_time(step(plain), device, repeats=10)
-    t_rc = median_time(step(rescnet), device, repeats=10)
+    t = interleaved({"plain": step(plain), "rescnet": step(rescnet)}, device, calls=3)
+    t_plain, t_rc = t["plain"], t["rescnet"]
     return [
         [device, "fused chain (ours)", f"{t_fused * 1e3:.2f}", f"{gbytes / t_fused:.1f}", ""],
         [
