@@ -196,7 +196,7 @@ class CoherentStrongReg:
                 f"{name}: l1_mode='prox' needs `lr=` or `optimizer=` for the threshold"
             )
         self.names, self.params = _select_params(params, bool(weights_only))
-        self._live: tuple[list[str], list[Tensor]] = (self.names, self.params)
+        self._live: tuple[list[str], list[Tensor]] = (self.names, list(self.params))
         self.kind = kind
         self.strength = float(strength)
         self.l1_mode = l1_mode
@@ -259,9 +259,10 @@ class CoherentStrongReg:
                 f"step() after loss.backward(), and pass only parameters the loss uses): "
                 f"{missing or 'none requires grad'}"
             )
-        names, params = [n for n, _ in live], [p for _, p in live]
-        grads = [p.grad for p in params]
-        stats = coherence_statistics(grads, params, self.kind)  # type: ignore[arg-type]
+        names = [n for n, _ in live]
+        params: list[Tensor] = [p for _, p in live]
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]  # checked above
+        stats = coherence_statistics(grads, params, self.kind)
         dot, gg, rr = stats.tolist()  # the one host-device sync of the step
         g_norm = math.sqrt(gg)
         # L1: at w == 0 the regulariser's subgradient can reach `strength` in size (it is
@@ -317,7 +318,7 @@ class CoherentStrongReg:
         torch._foreach_mul_(shrink, at_zero)
         torch._foreach_add_(grads, shrink)
         torch._foreach_mul_(at_zero, leaves)  # zeros allowed to leave zero
-        self._signs, self._leave_zero = signs, at_zero
+        self._signs, self._leave_zero = list(signs), list(at_zero)
 
     def _group_lrs(self, names: list[str], params: list[Tensor]) -> list[float]:
         if self.optimizer is None:
@@ -354,7 +355,7 @@ class CoherentStrongReg:
             # keep = 1 where the weight stayed on its side, or was zero and its loss gradient
             # beat the regulariser; 0 where the step crossed zero, or moved a zero weight
             # that should have stayed (e.g. through the momentum buffer).
-            keep = torch._foreach_sign(params)
+            keep = list(torch._foreach_sign(params))
             torch._foreach_mul_(keep, self._signs)  # +1 same side, -1 crossed, 0 was zero
             torch._foreach_clamp_min_(keep, 0.0)
             torch._foreach_add_(keep, self._leave_zero)

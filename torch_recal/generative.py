@@ -184,8 +184,8 @@ class ReferenceDecoder(nn.Module):
         if loss not in _REC_LOSSES:
             raise ValueError(f"ReferenceDecoder: `loss` must be one of {_REC_LOSSES}, got {loss!r}")
         self.loss = loss
-        f = {"device": device, "dtype": dtype}
-        geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+        f: dict[str, Any] = {"device": device, "dtype": dtype}
+        geometry: dict[str, Any] = {"stride": stride, "padding": padding, "dilation": dilation}
         self.encoder = nn.Sequential(
             nn.Conv2d(in_channels, hidden, kernel_size, **geometry, **f),
             nn.ReLU(),

@@ -125,13 +125,13 @@ class NormalEquations:
     # -- accumulation ---------------------------------------------------------------------
     def reset(self) -> None:
         """Forget everything accumulated so far."""
-        d, k, kw = self.num_features, self.num_outputs, {"dtype": torch.float64}
+        d, k, f64 = self.num_features, self.num_outputs, torch.float64
         self._n = 0.0  # a host float: no device sync per batch
-        self.mean_h = torch.zeros(d, device=self.device, **kw)
-        self.mean_t = torch.zeros(k, device=self.device, **kw)
-        self.s_hh = torch.zeros(d, d, device=self.device, **kw)
-        self.s_ht = torch.zeros(d, k, device=self.device, **kw)
-        self.s_tt = torch.zeros(k, device=self.device, **kw)
+        self.mean_h = torch.zeros(d, device=self.device, dtype=f64)
+        self.mean_t = torch.zeros(k, device=self.device, dtype=f64)
+        self.s_hh = torch.zeros(d, d, device=self.device, dtype=f64)
+        self.s_ht = torch.zeros(d, k, device=self.device, dtype=f64)
+        self.s_tt = torch.zeros(k, device=self.device, dtype=f64)
 
     @property
     def count(self) -> int:
