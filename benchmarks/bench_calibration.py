@@ -5,7 +5,11 @@ Prints, per device (CPU, and CUDA when available), in one run:
   * limit  : torch.compile(lambda u, s: relu(u + s)) on the same shapes: the same bytes moved
              minus the small (N, C) statistics, i.e. the memory-bound floor
   * naive  : the formula op by op in eager PyTorch (z, erfc, multiply, add, shortcut, relu)
+  * erfc   : the same chain written with erfc, compiled (the ablation for the erf form)
+  * train  : forward and forward+backward with grad, ours (hand-written fused backward) vs
+             inductor's own derivative of the same forward
   * block  : ResCNet BasicBlock vs plain BasicBlock, forward + backward (torch_recal.models)
+  * cold   : the first call, which compiles the forward kernel
 and the ratios fused/limit (targets: <= 1.15 CUDA, <= 1.5 CPU), naive/fused (target >= 8),
 block overhead (target <= 1.15).
 
@@ -18,14 +22,15 @@ import argparse
 import math
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import interleaved, table
+from _timing import interleaved, sync, table
 
 import torch_recal
-from torch_recal.functional import response_calibration_residual
+from torch_recal.functional import _forward, response_calibration_residual
 from torch_recal.models import BasicBlock
 
 
@@ -33,6 +38,12 @@ def naive(u, s, mu, sigma, eps=1e-5):
     z = (u - mu[:, :, None, None]) / (sigma[:, :, None, None] + eps)
     w = 0.5 * torch.erfc(z.abs() / math.sqrt(2.0))
     return torch.relu(u + w * u + s)
+
+
+def erfc_chain(u, s, mu, sigma, eps=1e-5):
+    """Our chain written with erfc instead of erf (the ablation for the erf form)."""
+    t = (u - mu[:, :, None, None]) * ((sigma[:, :, None, None] + eps).reciprocal() * math.sqrt(0.5))
+    return torch.relu(u + 0.5 * torch.erfc(t.abs()) * u + s)
 
 
 def bench_device(
@@ -44,16 +55,42 @@ def bench_device(
     mu = torch.randn(shape[:2], device=device)
     sigma = torch.rand(shape[:2], device=device) + 0.5
     limit_fn = torch.compile(lambda a, b: torch.relu(a + b), fullgraph=True)
+    erfc_fn = torch.compile(erfc_chain, fullgraph=True)
     with torch.no_grad():
+        start = time.perf_counter()
+        response_calibration_residual(u, s, mu, sigma)  # cold: compiles the forward kernel
+        sync(device)
+        t_cold = time.perf_counter() - start
         t = interleaved(
             {
                 "fused": lambda: response_calibration_residual(u, s, mu, sigma),
                 "limit": lambda: limit_fn(u, s),
                 "naive": lambda: naive(u, s, mu, sigma),
+                "erfc": lambda: erfc_fn(u, s, mu, sigma),
             },
             device,
         )
-    t_fused, t_limit, t_naive = t["fused"], t["limit"], t["naive"]
+    t_fused, t_limit, t_naive, t_erfc = t["fused"], t["limit"], t["naive"], t["erfc"]
+
+    # training: our autograd.Function (fused hand-written backward) vs inductor's own
+    # derivative of the same forward (torch.compile of the pure chain with grad inputs)
+    leaves = [t.clone().requires_grad_() for t in (u, s, mu, sigma)]
+    g = torch.ones_like(u)
+    inductor_fn = torch.compile(
+        lambda a, b, m, sg: _forward(a, b, m[:, :, None, None], sg[:, :, None, None], 1e-5,
+                                     False, True),
+        fullgraph=True,
+    )  # fmt: skip
+    tt = interleaved(
+        {
+            "ours_fwd": lambda: response_calibration_residual(*leaves),
+            "ours_step": lambda: response_calibration_residual(*leaves).backward(g),
+            "ind_fwd": lambda: inductor_fn(*leaves),
+            "ind_step": lambda: inductor_fn(*leaves).backward(g),
+        },
+        device,
+        calls=5,
+    )
     gbytes = 3 * u.numel() * u.element_size() / 1e9  # read u, s; write out
 
     c = block_shape[1]
@@ -71,7 +108,33 @@ def bench_device(
     t = interleaved({"plain": step(plain), "rescnet": step(rescnet)}, device, calls=3)
     t_plain, t_rc = t["plain"], t["rescnet"]
     return [
+        [
+            device,
+            "first call (compiles the kernel, or loads it from inductor's cache)",
+            f"{t_cold * 1e3:.0f}",
+            "",
+            "",
+        ],
         [device, "fused chain (ours)", f"{t_fused * 1e3:.2f}", f"{gbytes / t_fused:.1f}", ""],
+        [
+            device,
+            "same chain with erfc, compiled",
+            f"{t_erfc * 1e3:.2f}",
+            f"{gbytes / t_erfc:.1f}",
+            "",
+        ],
+        [device, "erfc chain / limit", "", "", f"{t_erfc / t_limit:.2f}x"],
+        [device, "train fwd, ours (autograd.Function)", f"{tt['ours_fwd'] * 1e3:.2f}", "", ""],
+        [device, "train fwd, inductor's own autograd", f"{tt['ind_fwd'] * 1e3:.2f}", "", ""],
+        [device, "train fwd+bwd, ours", f"{tt['ours_step'] * 1e3:.2f}", "", ""],
+        [device, "train fwd+bwd, inductor's own autograd", f"{tt['ind_step'] * 1e3:.2f}", "", ""],
+        [
+            device,
+            "train fwd+bwd: inductor / ours",
+            "",
+            "",
+            f"{tt['ind_step'] / tt['ours_step']:.2f}x",
+        ],
         [
             device,
             "relu(u + s) compiled (limit)",

@@ -86,7 +86,7 @@ def _calibrated(u: Tensor, mu: Tensor, sigma: Tensor, eps: float, pdf: bool) -> 
     if pdf:
         return uc * (1.0 + torch.exp(-(t * t)))  # w = exp(-z^2 / 2)
     # w = Phi(-|z|) = erfc(|t|) / 2, written as 1/2 - erf(|t|)/2: inductor vectorises erf on
-    # CPU but not erfc (about 1.3x vs 2.1x the memory-bound limit, benchmarks/), and the
+    # CPU but not erfc (benchmarks/bench_calibration.py times both forms), and the
     # absolute error of w stays below half an ulp of 1 + w, so u + w*u is unchanged.
     return uc * (1.5 - 0.5 * torch.erf(t.abs()))
 
@@ -146,8 +146,8 @@ class _CalibrationFunction(torch.autograd.Function):
     """Fused forward and hand-written fused backward, each one (compiled) kernel.
 
     Letting inductor differentiate the chain itself is slower on CPU: it stores the ReLU mask
-    as a bool tensor, which its CPU backend writes element by element (about 8x the time of
-    the forward, measured with torch 2.13).
+    as a bool tensor, which its CPU backend writes element by element (training forward 36 ms vs
+    2.8 ms here on CPU, torch 2.13; rows of ``benchmarks/bench_calibration.py``).
     """
 
     @staticmethod
