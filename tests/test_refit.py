@@ -351,6 +351,31 @@ def test_normal_equations_resume_merge_and_no_intercept():
         NormalEquations(3, 4).load_state_dict(first.state_dict())
 
 
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_normal_equations_wide_features_use_the_symmetric_blocks_exactly(fit_intercept):
+    # d = 150 spans three block rows of the lower-triangle Gram (64, 64 and a partial 22);
+    # the statistics are read half-way (mirroring the upper triangle) and accumulation goes on
+    g = torch.Generator().manual_seed(3)
+    h64 = torch.randn(700, 150, generator=g, dtype=torch.float64) * 2.0 + 5.0
+    t64 = torch.randn(700, 3, generator=g, dtype=torch.float64)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        h, t = h64.to(dtype), t64.to(dtype)
+        ref_h, ref_t = h.double().numpy(), t.double().numpy()
+        acc = NormalEquations(150, 3, fit_intercept=fit_intercept)
+        for i in range(0, 700, 128):
+            acc.update(h[i : i + 128], t[i : i + 128])
+            if i == 256:
+                seen = ref_h[: i + 128] - (ref_h[: i + 128].mean(0) if fit_intercept else 0)
+                assert _rel(acc.s_hh, seen.T @ seen) < tol
+        c_h = ref_h - ref_h.mean(0) if fit_intercept else ref_h
+        c_t = ref_t - ref_t.mean(0) if fit_intercept else ref_t
+        assert torch.equal(acc.s_hh, acc.s_hh.T)
+        assert _rel(acc.s_hh, c_h.T @ c_h) < tol
+        assert _rel(acc.s_ht, c_h.T @ c_t) < tol
+        sk = Ridge(alpha=0.5, fit_intercept=fit_intercept, solver="svd").fit(ref_h, ref_t)
+        assert _rel(acc.solve(0.5).weight, sk.coef_) < 50 * tol
+
+
 # ---------------------------------------------------------------------------------------------
 # distributed
 
