@@ -9,7 +9,12 @@ backprop enlarges), measured with ``torch.autograd.graph.saved_tensors_hooks``.
 
 Targets (issue #7): <= 2.5x at every=1, <= 1.4x at every=4.
 
+``--profile`` also attributes the time of a plain and an every=1 step to the autograd nodes
+(backward functions) and forward ops that run them, with ``torch.profiler``: it shows which
+PyTorch double-backward formulas the extra time goes to.
+
     python benchmarks/bench_ggr.py                    # ResNet-20, 1x28x28, batch 128, CPU
+    python benchmarks/bench_ggr.py --profile          # + where the time of a GGR step goes
     python benchmarks/bench_ggr.py --device cuda --batch 256
 """
 
@@ -90,6 +95,46 @@ def peak_memory(step, ggr, device: str) -> float:
     return peak
 
 
+def profile_steps(args: argparse.Namespace, n: int = 3) -> None:
+    """Print, for plain CE and CE + GGR (every=1), the CPU time per step of each autograd
+    node (``...Backward0`` and the double-backward ``...BackwardBackward0``, the ops they call
+    included; the engine runs nodes one at a time, so they do not overlap) and of the rest
+    (the forward pass, the reference gradient, the optimizer step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    rest = "everything else (forward, reference, optimizer)"
+    totals: dict[str, dict[str, float]] = {}
+    wall: dict[str, float] = {}
+    for mode in ("plain", "every=1"):
+        step, _ = make_step(mode, args)
+        for _ in range(args.warmup):
+            step()
+        _sync(args.device)
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for _ in range(n):
+                step()
+            _sync(args.device)
+        wall[mode] = 1e3 * (time.perf_counter() - t0) / n
+        per: dict[str, float] = {}
+        for evt in prof.key_averages():
+            if evt.key.startswith("autograd::engine::evaluate_function: "):
+                per[evt.key.split(": ", 1)[1]] = evt.cpu_time_total / n / 1e3
+        per[rest] = wall[mode] - sum(per.values())
+        totals[mode] = per
+    names = sorted(totals["every=1"], key=lambda k: -totals["every=1"][k])[:10]
+    print(f"\nwhere the time goes (ms per step under the profiler, mean of {n} steps)")
+    print("| autograd node | CE | CE + GGR (every=1) | share of the GGR step |")
+    print("|---|---|---|---|")
+    for name in names:
+        plain, ggr = totals["plain"].get(name, 0.0), totals["every=1"][name]
+        print(f"| {name} | {plain:.1f} | {ggr:.1f} | {100 * ggr / wall['every=1']:.0f} % |")
+    print(f"| whole step | {wall['plain']:.1f} | {wall['every=1']:.1f} | 100 % |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -97,6 +142,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=24, help="timed steps per mode (a multiple of 4)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--profile", action="store_true", help="also attribute step time to ops")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -129,6 +175,8 @@ def main() -> None:
             f"| {name} | {1e3 * t:.1f} | {t / base_t:.2f}x | {mb / 2**20:.1f} | "
             f"{mb / base_m:.2f}x |"
         )
+    if args.profile:
+        profile_steps(args)
 
 
 if __name__ == "__main__":
