@@ -423,6 +423,14 @@ def test_find_classifier_conventions():
     squeeze.classifier = nn.Sequential(nn.Dropout(), nn.Conv2d(4, 3, 1), nn.ReLU())
     assert find_classifier(squeeze) is squeeze.classifier[1]
 
+    tv_vit = nn.Module()  # torchvision's VisionTransformer layout, with pre-logits
+    tv_vit.encoder = nn.Linear(4, 4)
+    tv_vit.heads = nn.Sequential()
+    tv_vit.heads.add_module("pre_logits", nn.Linear(4, 4))
+    tv_vit.heads.add_module("act", nn.Tanh())
+    tv_vit.heads.add_module("head", nn.Linear(4, 6))
+    assert find_classifier(tv_vit) is tv_vit.heads.head
+
 
 def test_find_classifier_errors_say_how_to_pass_the_head():
     both = nn.Module()
@@ -563,3 +571,23 @@ def test_torchvision_and_timm_resnet18_heads():
         assert differs_everywhere(snapshot(model.fc), head)
     # same seed, same head shape -> same values for both libraries' Linear
     assert same(snapshot(tv.fc), snapshot(tm.fc))
+
+
+@pytest.mark.vision
+def test_vision_transformer_heads_of_torchvision_and_timm():
+    import timm
+    import torchvision
+
+    tv = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+        num_classes=5,
+    )  # fmt: skip
+    tm = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32)
+    for model, head in ((tv, tv.heads.head), (tm, tm.head)):
+        assert find_classifier(model) is head
+        rifle = RifleScheduler(model, total_epochs=4, num_resets=1, seed=0)
+        assert rifle.head is head
+        before = snapshot(head)
+        assert [rifle.step() for _ in range(4)] == [False, True, False, False]
+        assert differs_everywhere(snapshot(head), before)
+        model(torch.randn(2, 3, 32, 32))  # still runs

@@ -20,7 +20,7 @@ from torch_recal import _dist
 __all__ = ["RifleScheduler", "find_classifier"]
 
 _UNITS = ("epoch", "step")
-_HEAD_NAMES = ("fc", "classifier", "head")
+_HEAD_NAMES = ("fc", "classifier", "head", "heads")  # heads: torchvision ViT
 _MASK64 = (1 << 64) - 1
 
 
@@ -60,7 +60,8 @@ def find_classifier(model: nn.Module) -> nn.Module:
     """Find the final classifier layer of a model, the layer RIFLE re-initialises.
 
     Looked up in this order: timm's ``model.get_classifier()``; otherwise the one attribute
-    among ``fc``, ``classifier`` and ``head`` that holds a module. A head that is a container
+    among ``fc``, ``classifier``, ``head`` and ``heads`` (torchvision's ViT) that holds a
+    module. A head that is a container
     (``nn.Sequential``, timm's ``ClassifierHead``) gives its last ``nn.Linear`` (or, with no
     Linear inside, its last layer with parameters, e.g. a 1x1 conv). DDP / DataParallel and
     ``torch.compile`` wrappers are looked through.
@@ -115,7 +116,7 @@ def find_classifier(model: nn.Module) -> nn.Module:
     if not found:
         raise ValueError(
             f"find_classifier: {type(model).__name__} has no get_classifier(), `fc`, "
-            f"`classifier` or `head`; pass the head module itself, e.g. "
+            f"`classifier`, `head` or `heads`; pass the head module itself, e.g. "
             f"RifleScheduler(model.my_head, ...), or a list of modules for a multi-layer head"
         )
     return _final_layer(getattr(model, found[0]), f"model.{found[0]}")
