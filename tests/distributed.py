@@ -12,11 +12,13 @@ Usage in a test module (the function must live at module level so it can be pick
         assert torch.equal(results[0]["y"], results[1]["y"])
 
 Each rank's return value is saved with ``torch.save`` and handed back in rank order. An
-exception on any rank fails the test with that rank's traceback.
+exception on any rank fails the test with that rank's traceback. Collectives time out after
+``timeout_s`` (default 120 s), so a rank left waiting fails the test instead of hanging it.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import tempfile
@@ -38,7 +40,13 @@ def _free_port() -> int:
 
 
 def _entry(
-    rank: int, world_size: int, port: int, outdir: str, fn: Callable[..., Any], args: tuple
+    rank: int,
+    world_size: int,
+    port: int,
+    outdir: str,
+    timeout_s: float,
+    fn: Callable[..., Any],
+    args: tuple,
 ) -> None:
     os.environ["TORCH_RECAL_COMPILE"] = "0"
     torch.set_num_threads(1)
@@ -49,6 +57,7 @@ def _entry(
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
         try:
             result = fn(rank, world_size, *args)
@@ -60,7 +69,9 @@ def _entry(
         raise
 
 
-def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout_s: float = 120.0
+) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo/CPU processes.
 
     Returns the list of per-rank return values (rank order).
@@ -68,7 +79,9 @@ def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> 
     port = _free_port()
     with tempfile.TemporaryDirectory() as outdir:
         try:
-            mp.spawn(_entry, args=(world_size, port, outdir, fn, args), nprocs=world_size)
+            mp.spawn(
+                _entry, args=(world_size, port, outdir, timeout_s, fn, args), nprocs=world_size
+            )
         except Exception as err:
             errors = []
             for rank in range(world_size):

@@ -423,6 +423,40 @@ def test_refit_distributed_equals_single_process_on_the_union():
     assert out[0]["draws"] == out[1]["draws"]
 
 
+def _dist_failure_worker(rank, world_size, h, y):
+    import time
+
+    from torch_recal import pinv_refit_dense
+
+    shard = slice(0, 130) if rank == 0 else slice(130, None)
+    hs, ys = h[shard].clone(), y[shard]
+    if rank == 1:
+        hs[40, 3] = float("nan")  # bad data on one rank only
+    loader = [(hs[i : i + 32], ys[i : i + 32]) for i in range(0, len(ys), 32)]
+    fc = nn.Linear(h.shape[1], 4).double()
+    before = [p.detach().clone() for p in fc.parameters()]
+    t0 = time.perf_counter()
+    try:
+        pinv_refit_dense(fc, loader, ridge=1e-2)
+        raised = None
+    except Exception as err:
+        raised = (type(err).__name__, str(err))
+    untouched = all(torch.equal(p, q) for p, q in zip(fc.parameters(), before, strict=True))
+    return {"raised": raised, "untouched": untouched, "seconds": time.perf_counter() - t0}
+
+
+@pytest.mark.distributed
+def test_refit_distributed_error_on_one_rank_stops_every_rank():
+    h, y = _data(n=300)
+    out = run_distributed(_dist_failure_worker, h, y, timeout_s=30.0)
+    assert out[1]["raised"][0] == "ValueError" and "inf or nan" in out[1]["raised"][1]
+    assert out[0]["raised"][0] == "RuntimeError"
+    assert "failed on another rank" in out[0]["raised"][1]
+    assert "rank 1: ValueError" in out[0]["raised"][1] and "inf or nan" in out[0]["raised"][1]
+    assert all(r["untouched"] for r in out)
+    assert all(r["seconds"] < 25.0 for r in out)  # nobody waited for the collective timeout
+
+
 # ---------------------------------------------------------------------------------------------
 # RandomLayerTraining
 

@@ -26,10 +26,11 @@ the unscaled system gives the (minimum-norm) pseudo-inverse solution.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -531,7 +532,7 @@ def _batches(
     device: torch.device,
     progress: bool,
     desc: str,
-) -> Iterable[tuple[Tensor, Tensor]]:
+) -> Generator[tuple[Tensor, Tensor], None, None]:
     """Yield ``(features at entry's input, labels_or_targets)``; hook removed on exit."""
     it: Iterable[Any] = loader
     if progress:
@@ -808,29 +809,17 @@ def _refit_one(
 ) -> RefitResult:
     lin = linears[idx]
     d, k = lin.in_features, lin.out_features
-    k_final = linears[-1].out_features
     acc = NormalEquations(d, k, fit_intercept=lin.bias is not None, device=dev)
     desc = "refit" if len(linears) == 1 else f"refit layer {idx}"
-    for h, y in _batches(loader, model, entry, dev, progress, desc):
-        n = h.shape[0]
-        if h.ndim != 2 or h.shape[1] != linears[0].in_features:
-            raise ValueError(
-                f"pinv_refit_dense: features must have shape (n, {linears[0].in_features}) "
-                f"(the layer's in_features), got {tuple(h.shape)}"
-            )
-        if not h.is_floating_point():
-            raise ValueError(f"pinv_refit_dense: features must be floating point, got {h.dtype}")
-        h = h.to(dev)
-        t = _make_targets(y, targets, num_classes, k_final, n, dev)
-        t = inv_act(t.to(torch.float64))
-        if idx < len(linears) - 1:
-            # pull the final target back to the output of linears[idx]
-            for j in range(len(linears) - 1, idx, -1):
-                t = _pull_back(t, linears[j], acts[j - 1], ridge)
-        x = _forward_stack(linears, acts, h, idx)
-        if not torch.isfinite(t).all():
-            raise ValueError("pinv_refit_dense: targets are not finite after inverse_activation")
-        acc.update(x, t.to(_compute_dtype(x.dtype)) if x.dtype != torch.float64 else t)
+    error: Exception | None = None
+    try:
+        with contextlib.closing(_batches(loader, model, entry, dev, progress, desc)) as batches:
+            for h, y in batches:  # closing(): the hook goes even when a batch is rejected
+                _accumulate(acc, linears, acts, idx, h, y, dev, ridge, targets, num_classes,
+                            inv_act)  # fmt: skip
+    except Exception as err:  # bad data on one rank must not leave the others waiting
+        error = err
+    _dist.raise_if_any_rank_failed(error, "pinv_refit_dense", dev)
     acc.all_reduce()
     if acc.count == 0:
         raise ValueError("pinv_refit_dense: `loader` yielded no samples")
@@ -860,6 +849,41 @@ def _refit_one(
     return RefitResult(weight, bias, acc.count, mse, None, sol.solver, sol.condition, 0.0, ridge)
 
 
+def _accumulate(
+    acc: NormalEquations,
+    linears: list[nn.Linear],
+    acts: list[nn.Module | None],
+    idx: int,
+    h: Tensor,
+    y: Tensor,
+    dev: torch.device,
+    ridge: float,
+    targets: str,
+    num_classes: int,
+    inv_act: Callable[[Tensor], Tensor],
+) -> None:
+    """Check one batch and add it to ``acc`` (the input of ``linears[idx]`` and its target)."""
+    n = h.shape[0]
+    if h.ndim != 2 or h.shape[1] != linears[0].in_features:
+        raise ValueError(
+            f"pinv_refit_dense: features must have shape (n, {linears[0].in_features}) "
+            f"(the layer's in_features), got {tuple(h.shape)}"
+        )
+    if not h.is_floating_point():
+        raise ValueError(f"pinv_refit_dense: features must be floating point, got {h.dtype}")
+    h = h.to(dev)
+    t = _make_targets(y, targets, num_classes, linears[-1].out_features, n, dev)
+    t = inv_act(t.to(torch.float64))
+    if idx < len(linears) - 1:
+        # pull the final target back to the output of linears[idx]
+        for j in range(len(linears) - 1, idx, -1):
+            t = _pull_back(t, linears[j], acts[j - 1], ridge)
+    x = _forward_stack(linears, acts, h, idx)
+    if not torch.isfinite(t).all():
+        raise ValueError("pinv_refit_dense: targets are not finite after inverse_activation")
+    acc.update(x, t.to(_compute_dtype(x.dtype)) if x.dtype != torch.float64 else t)
+
+
 def _accuracy(
     linears: list[nn.Linear],
     acts: list[nn.Module | None],
@@ -872,13 +896,19 @@ def _accuracy(
 ) -> float:
     correct = torch.zeros((), dtype=torch.float64, device=dev)
     total = torch.zeros((), dtype=torch.float64, device=dev)
-    for h, y in _batches(loader, model, entry, dev, progress, "refit eval"):
-        x = _forward_stack(linears, acts, h.to(dev), len(linears) - 1)
-        out = x.to(final.weight.dtype) @ final.weight.T
-        if final.bias is not None:
-            out = out + final.bias
-        correct += (out.argmax(1) == y.to(dev)).sum()
-        total += y.shape[0]
+    error: Exception | None = None
+    try:
+        with contextlib.closing(_batches(loader, model, entry, dev, progress, "refit eval")) as it:
+            for h, y in it:
+                x = _forward_stack(linears, acts, h.to(dev), len(linears) - 1)
+                out = x.to(final.weight.dtype) @ final.weight.T
+                if final.bias is not None:
+                    out = out + final.bias
+                correct += (out.argmax(1) == y.to(dev)).sum()
+                total += y.shape[0]
+    except Exception as err:  # e.g. a loader that fails on its second pass, on one rank
+        error = err
+    _dist.raise_if_any_rank_failed(error, "pinv_refit_dense (accuracy pass)", dev)
     _dist.all_reduce_sum_(correct, total)
     return float((correct / total.clamp_min(1)).item())
 
