@@ -61,6 +61,7 @@ def _entry(
         )
         try:
             result = fn(rank, world_size, *args)
+            dist.barrier()  # nobody tears the group down while another rank still uses it
         finally:
             dist.destroy_process_group()
         torch.save({"ok": True, "result": result}, path)

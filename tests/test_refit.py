@@ -423,6 +423,55 @@ def test_refit_distributed_equals_single_process_on_the_union():
     assert out[0]["draws"] == out[1]["draws"]
 
 
+def _fsdp_refit_worker(rank, world_size, x, y):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from torch_recal import pinv_refit_dense
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+    fully_shard(model[0])
+    fully_shard(model)  # the head is managed by the root, whose gathered copies outlive no_grad
+    # FSDP's forward is itself a collective: every rank runs the same number of batches
+    shard = slice(0, 115) if rank == 0 else slice(115, None)
+    xs, ys = x[shard], y[shard]
+    loader = [(xs[i : i + 25], ys[i : i + 25]) for i in range(0, len(ys), 25)]
+    res = pinv_refit_dense(model[2], loader, model=model, ridge=1e-2)
+    head = model[2]
+    out = {
+        "is_dtensor": isinstance(head.weight, DTensor) and isinstance(head.bias, DTensor),
+        "weight": head.weight.detach().full_tensor(),
+        "bias": head.bias.detach().full_tensor(),
+        "result_weight": res.weight,
+        "n": res.num_samples,
+    }
+    with torch.no_grad():
+        w1, b1 = (p.full_tensor() for p in model[0].parameters())
+        out["features"] = torch.tanh(torch.nn.functional.linear(x, w1, b1))
+        out["logits"] = model(x)  # the sharded head is what the model uses
+    return out
+
+
+@pytest.mark.distributed
+def test_refit_under_fsdp2_writes_the_shards_and_equals_the_union():
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("needs torch.distributed.fsdp.fully_shard (FSDP2)")
+    h, y = _data(n=230, d=6)
+    out = run_distributed(_fsdp_refit_worker, h, y)
+    feats = out[0]["features"].numpy()
+    sk = Ridge(alpha=1e-2, solver="svd").fit(feats, _onehot(y, 4))
+    for r in out:
+        assert r["is_dtensor"] and r["n"] == 230
+        assert _rel(r["weight"], sk.coef_) < 1e-8  # the shards hold the refit, not stale values
+        assert _rel(r["bias"], sk.intercept_) < 1e-8
+        assert _rel(r["result_weight"], sk.coef_) < 1e-8
+        assert _rel(r["logits"], feats @ sk.coef_.T + sk.intercept_) < 1e-8  # and it is used
+
+
 def _dist_failure_worker(rank, world_size, h, y):
     import time
 

@@ -7,17 +7,50 @@ unconditionally.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = [
-    "all_reduce_sum_",
-    "broadcast_",
-    "get_rank",
-    "get_world_size",
-    "is_distributed",
-    "raise_if_any_rank_failed",
-]
+
+@functools.cache
+def _fsdp2() -> tuple[Any, Any, Any]:
+    """``(DTensor, FSDPModule, distribute_tensor)``, each None when this torch lacks it.
+
+    Imported on first use (importing FSDP costs time) from their public homes, or the
+    private ones of torch < 2.6.
+    """
+    import importlib
+
+    def first(*paths: tuple[str, str]) -> Any:
+        for module, name in paths:
+            try:
+                return getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                continue
+        return None
+
+    return (
+        first(("torch.distributed.tensor", "DTensor"), ("torch.distributed._tensor", "DTensor")),
+        first(
+            ("torch.distributed.fsdp", "FSDPModule"),
+            ("torch.distributed._composable.fsdp", "FSDPModule"),
+        ),
+        first(
+            ("torch.distributed.tensor", "distribute_tensor"),
+            ("torch.distributed._tensor", "distribute_tensor"),
+        ),
+    )
+
+
+def is_dtensor(t: object) -> bool:
+    """True for a DTensor (FSDP2 ``fully_shard``, tensor parallel)."""
+    if not dist.is_available():
+        return False
+    dtensor = _fsdp2()[0]
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def is_distributed() -> bool:
@@ -83,3 +116,67 @@ def raise_if_any_rank_failed(error: Exception | None, where: str, device: torch.
         raise error
     report = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
     raise RuntimeError(f"{where}: failed on another rank, so this rank stopped too ({report})")
+
+
+# -- FSDP2 / DTensor ------------------------------------------------------------------------
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for a DTensor (FSDP2 ``fully_shard``, tensor parallel) or an FSDP1 flat parameter."""
+    return is_dtensor(t) or bool(getattr(t, "_fsdp_flattened", False))
+
+
+def reshard_fsdp(model: nn.Module) -> None:
+    """Put the sharded parameters of every FSDP2 module in ``model`` back in place.
+
+    After a ``no_grad`` forward, FSDP2 keeps the root module's parameters gathered: the
+    module then holds full-size temporaries, and a write to them would be lost. A no-op
+    without FSDP2.
+    """
+    fsdp_module = _fsdp2()[1] if dist.is_available() else None
+    if fsdp_module is None:
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp_module):
+            module.reshard()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: ``t`` itself, or a DTensor gathered from all ranks (a collective)."""
+    if is_dtensor(t):
+        return t.full_tensor()  # type: ignore[attr-defined]
+    return t
+
+
+def copy_full_(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """``dst.copy_(full)`` where ``dst`` may be a DTensor shard and ``full`` is the whole value,
+    the same on every rank (each rank keeps its own slice; no communication)."""
+    if is_dtensor(dst):
+        import inspect
+
+        distribute_tensor = _fsdp2()[2]
+        kwargs: dict[str, Any] = {}
+        if "src_data_rank" in inspect.signature(distribute_tensor).parameters:
+            kwargs["src_data_rank"] = None  # slice locally: every rank holds the same `full`
+        full = distribute_tensor(
+            full.to(dst.device, dst.dtype),
+            dst.device_mesh,  # type: ignore[attr-defined]
+            dst.placements,  # type: ignore[attr-defined]
+            **kwargs,
+        )
+    dst.copy_(full)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a view: in-place ops change the DTensor), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def all_reduce_over_shards_(stats: torch.Tensor, like: torch.Tensor) -> None:
+    """Sum ``stats``, computed from this rank's slices of DTensors placed like ``like``, over
+    the mesh dimensions along which ``like`` is sharded (replicated dimensions hold copies and
+    are not summed), so that every rank gets the statistics of the whole tensors."""
+    from torch.distributed.tensor import Shard
+
+    mesh = like.device_mesh  # type: ignore[attr-defined]
+    for dim, placement in enumerate(like.placements):  # type: ignore[attr-defined]
+        if isinstance(placement, Shard):
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))

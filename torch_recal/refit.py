@@ -609,13 +609,13 @@ def _make_targets(
 
 
 def _pull_back(
-    target: Tensor, linear: nn.Linear, act_before: nn.Module | None, ridge: float
+    target: Tensor, params: _Dense, act_before: nn.Module | None, ridge: float
 ) -> Tensor:
-    """Desired input of ``linear`` given a desired output: ridge pseudo-inverse, then g^-1."""
-    w = linear.weight.detach().to(target.device, torch.float64)  # (k, d)
+    """Desired input of a dense layer given a desired output: ridge pseudo-inverse, then g^-1."""
+    w = params[0].to(target.device, torch.float64)  # (k, d)
     t = target
-    if linear.bias is not None:
-        t = t - linear.bias.detach().to(target.device, torch.float64)
+    if params[1] is not None:
+        t = t - params[1].to(target.device, torch.float64)
     k, d = w.shape
     eye = torch.eye
     if d <= k:  # (W^T W + rI)^-1 W^T t  per row:  t W (W^T W + r I)^-1
@@ -733,6 +733,8 @@ def pinv_refit_dense(
     entry = layer  # the hook sits on the input of the layer (or of the stack)
     one_shot = isinstance(loader, Iterator)
 
+    if model is not None:  # write to FSDP2's sharded parameters, never to gathered copies
+        _dist.reshard_fsdp(model)
     backup = [(m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
               for m in linears]  # fmt: skip
     was_training = model.training if model is not None else False
@@ -757,6 +759,8 @@ def pinv_refit_dense(
             if evaluate and targets != "raw" and not one_shot:
                 acc = _accuracy(linears, acts, final, loader, model, entry, dev, progress)
     except BaseException:
+        if model is not None:
+            _dist.reshard_fsdp(model)
         for m, (w, b) in zip(linears, backup, strict=True):
             with torch.no_grad():
                 m.weight.copy_(w)
@@ -779,12 +783,27 @@ def pinv_refit_dense(
     return final
 
 
+_Dense = tuple[Tensor, Tensor | None]
+
+
+def _dense_params(linears: list[nn.Linear]) -> list[_Dense]:
+    """Each layer's whole (weight, bias), detached: FSDP2/DTensor shards are gathered here,
+    once per pass, so every rank makes the same collectives whatever its number of batches."""
+    return [
+        (
+            _dist.full_tensor(lin.weight.detach()),
+            None if lin.bias is None else _dist.full_tensor(lin.bias.detach()),
+        )
+        for lin in linears
+    ]
+
+
 def _forward_stack(
-    linears: list[nn.Linear], acts: list[nn.Module | None], h: Tensor, upto: int
+    params: list[_Dense], acts: list[nn.Module | None], h: Tensor, upto: int
 ) -> Tensor:
-    """Input of ``linears[upto]`` given the stack input ``h``."""
-    for lin, act in zip(linears[:upto], acts[:upto], strict=True):
-        h = lin(h.to(lin.weight.dtype))
+    """Input of dense layer ``upto`` of the stack given the stack input ``h``."""
+    for (w, b), act in zip(params[:upto], acts[:upto], strict=True):
+        h = nn.functional.linear(h.to(w.dtype), w, b)
         if act is not None:
             h = act(h)
     return h
@@ -811,20 +830,23 @@ def _refit_one(
     d, k = lin.in_features, lin.out_features
     acc = NormalEquations(d, k, fit_intercept=lin.bias is not None, device=dev)
     desc = "refit" if len(linears) == 1 else f"refit layer {idx}"
+    params = _dense_params(linears)
     error: Exception | None = None
     try:
         with contextlib.closing(_batches(loader, model, entry, dev, progress, desc)) as batches:
             for h, y in batches:  # closing(): the hook goes even when a batch is rejected
-                _accumulate(acc, linears, acts, idx, h, y, dev, ridge, targets, num_classes,
-                            inv_act)  # fmt: skip
+                _accumulate(acc, linears, params, acts, idx, h, y, dev, ridge, targets,
+                            num_classes, inv_act)  # fmt: skip
     except Exception as err:  # bad data on one rank must not leave the others waiting
         error = err
+    finally:
+        if model is not None:  # FSDP2 keeps the root's parameters gathered after no_grad
+            _dist.reshard_fsdp(model)
     _dist.raise_if_any_rank_failed(error, "pinv_refit_dense", dev)
     acc.all_reduce()
     if acc.count == 0:
         raise ValueError("pinv_refit_dense: `loader` yielded no samples")
-    w_cur = lin.weight.detach()
-    b_cur = None if lin.bias is None else lin.bias.detach()
+    w_cur, b_cur = params[idx]
     if start == "current":
         sol = acc.solve(ridge, start=w_cur, start_bias=b_cur)
     else:
@@ -842,16 +864,17 @@ def _refit_one(
         bias = bias.to(lin.bias.device, lin.bias.dtype)
     if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
         raise ValueError("pinv_refit_dense: the solve gave non-finite weights")
-    if assign:
-        lin.weight.copy_(weight)
+    if assign:  # a DTensor (FSDP2) keeps its own slice of the whole solution
+        _dist.copy_full_(lin.weight, weight)
         if bias is not None:
-            lin.bias.copy_(bias)
+            _dist.copy_full_(lin.bias, bias)
     return RefitResult(weight, bias, acc.count, mse, None, sol.solver, sol.condition, 0.0, ridge)
 
 
 def _accumulate(
     acc: NormalEquations,
     linears: list[nn.Linear],
+    params: list[_Dense],
     acts: list[nn.Module | None],
     idx: int,
     h: Tensor,
@@ -862,7 +885,8 @@ def _accumulate(
     num_classes: int,
     inv_act: Callable[[Tensor], Tensor],
 ) -> None:
-    """Check one batch and add it to ``acc`` (the input of ``linears[idx]`` and its target)."""
+    """Check one batch and add it to ``acc`` (the input of ``linears[idx]`` and its target);
+    ``params`` are the stack's whole weights (:func:`_dense_params`)."""
     n = h.shape[0]
     if h.ndim != 2 or h.shape[1] != linears[0].in_features:
         raise ValueError(
@@ -877,8 +901,8 @@ def _accumulate(
     if idx < len(linears) - 1:
         # pull the final target back to the output of linears[idx]
         for j in range(len(linears) - 1, idx, -1):
-            t = _pull_back(t, linears[j], acts[j - 1], ridge)
-    x = _forward_stack(linears, acts, h, idx)
+            t = _pull_back(t, params[j], acts[j - 1], ridge)
+    x = _forward_stack(params, acts, h, idx)
     if not torch.isfinite(t).all():
         raise ValueError("pinv_refit_dense: targets are not finite after inverse_activation")
     acc.update(x, t.to(_compute_dtype(x.dtype)) if x.dtype != torch.float64 else t)
@@ -894,13 +918,14 @@ def _accuracy(
     dev: torch.device,
     progress: bool,
 ) -> float:
+    params = _dense_params(linears)
     correct = torch.zeros((), dtype=torch.float64, device=dev)
     total = torch.zeros((), dtype=torch.float64, device=dev)
     error: Exception | None = None
     try:
         with contextlib.closing(_batches(loader, model, entry, dev, progress, "refit eval")) as it:
             for h, y in it:
-                x = _forward_stack(linears, acts, h.to(dev), len(linears) - 1)
+                x = _forward_stack(params, acts, h.to(dev), len(linears) - 1)
                 out = x.to(final.weight.dtype) @ final.weight.T
                 if final.bias is not None:
                     out = out + final.bias
@@ -908,6 +933,9 @@ def _accuracy(
                 total += y.shape[0]
     except Exception as err:  # e.g. a loader that fails on its second pass, on one rank
         error = err
+    finally:
+        if model is not None:
+            _dist.reshard_fsdp(model)
     _dist.raise_if_any_rank_failed(error, "pinv_refit_dense (accuracy pass)", dev)
     _dist.all_reduce_sum_(correct, total)
     return float((correct / total.clamp_min(1)).item())
