@@ -550,6 +550,61 @@ def test_reinitialised_head_is_identical_on_every_rank():
     assert same(snapshot(ref), r0[None])
 
 
+def _fsdp_worker(rank: int, world_size: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(3)
+    model = TinyNet()
+    fully_shard(model.body)
+    fully_shard(model)  # the head is managed by the root
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rifle = RifleScheduler(
+        model, total_epochs=4, num_resets=1, seed=5, optimizer=opt, reset_optimizer_state=True
+    )
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank))
+    model(x).sum().backward()
+    opt.step()
+    body = {k: v.full_tensor() for k, v in model.body.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        model(x)  # FSDP2 leaves the root's parameters (the head's) gathered after this
+    fired = [rifle.step(), rifle.step()]
+    out = {
+        "fired": fired,
+        "sharded": all(isinstance(p, DTensor) for p in model.fc.parameters()),
+        "fc": {k: v.full_tensor() for k, v in model.fc.state_dict().items()},
+        "body_kept": all(
+            torch.equal(v.full_tensor(), body[k]) for k, v in model.body.state_dict().items()
+        ),
+        "head_state_reset": all(p not in opt.state for p in model.fc.parameters()),
+        "body_state_kept": all(p in opt.state for p in model.body.parameters()),
+    }
+    model.train()
+    model(x).sum().backward()  # still trains
+    opt.step()
+    return out
+
+
+@pytest.mark.distributed
+def test_fsdp2_sharded_head_is_reset_at_full_size_and_sharded_back():
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("needs torch.distributed.fsdp.fully_shard (FSDP2)")
+    r0, r1 = run_distributed(_fsdp_worker)
+    torch.manual_seed(3)
+    model = TinyNet()  # the same values, unsharded, in one process
+    rifle = RifleScheduler(model, total_epochs=4, num_resets=1, seed=5)
+    rifle.step()
+    rifle.step()
+    for r in (r0, r1):
+        assert r["fired"] == [False, True]
+        assert r["sharded"] and r["body_kept"]
+        assert r["head_state_reset"] and r["body_state_kept"]
+        assert same(r["fc"], snapshot(model.fc))  # each rank's slice of the full-size reset
+
+
 # --------------------------------------------------------------------------- vision
 @pytest.mark.vision
 def test_torchvision_and_timm_resnet18_heads():

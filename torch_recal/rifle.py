@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from torch_recal import _dist
 
@@ -221,6 +221,10 @@ class RifleScheduler:
     Distributed: the reset is deterministic in the epoch, so every rank fires at the same
     :meth:`step`; the new head (parameters and buffers) is then broadcast from rank 0, so it
     is identical on every rank even without ``seed`` (or with a different seed per rank).
+    FSDP2 (``fully_shard``): a sharded head is re-initialised at full size (the same values
+    as unsharded, for a given ``seed``) and each rank keeps its slice. Pass the model (or
+    call ``model.reshard()`` before :meth:`step`): after a ``no_grad`` forward FSDP2 keeps
+    the root's parameters gathered, and the scheduler reshards the model it was given.
 
     Example:
         >>> import torch
@@ -307,6 +311,11 @@ class RifleScheduler:
             schedule = self._schedule_from_period(total_epochs, period, min_epochs_after_last)
 
         self.head = head
+        # FSDP2: the module to reshard before a reset, and whether the head was sharded
+        self._fsdp_scope = target if isinstance(target, nn.Module) else None
+        if self._fsdp_scope is not None:
+            _dist.reshard_fsdp(self._fsdp_scope)
+        self._head_sharded = any(_dist.is_sharded(p) for p in head.parameters())
         self.total_epochs = total_epochs
         self.num_resets = len(schedule)
         self.unit = unit
@@ -491,13 +500,40 @@ class RifleScheduler:
     # ----------------------------------------------------------------------------- reset
     @torch.no_grad()
     def _reset(self, index: int) -> None:
-        tensors = [*self.head.parameters(), *self.head.buffers()]
-        if self.seed is None:
-            self._reinit()
-        else:
-            with _seeded_rng(_derive_seed(self.seed, index), {t.device for t in tensors}):
+        if self._fsdp_scope is not None:
+            _dist.reshard_fsdp(self._fsdp_scope)
+        # DTensor (FSDP2) parameters are swapped for full-size copies while re-initialising
+        sharded = [
+            (mod, name, p)
+            for mod in self.head.modules()
+            for name, p in mod._parameters.items()
+            if p is not None and _dist.is_sharded(p)
+        ]
+        if self._head_sharded and not sharded:
+            raise RuntimeError(
+                "RifleScheduler: the head's parameters were FSDP-sharded when the scheduler was "
+                "built and are gathered copies now (FSDP2 keeps the root's parameters gathered "
+                "after a no_grad forward); call model.reshard() before step(), or pass the "
+                "model itself: RifleScheduler(model, ...)"
+            )
+        for mod, name, p in sharded:
+            mod._parameters[name] = nn.Parameter(
+                _dist.full_tensor(p.detach()), requires_grad=p.requires_grad
+            )
+        try:
+            tensors = [*self.head.parameters(), *self.head.buffers()]
+            if self.seed is None:
                 self._reinit()
-        _dist.broadcast_(*(t.detach() for t in tensors), src=0)
+            else:
+                with _seeded_rng(_derive_seed(self.seed, index), {t.device for t in tensors}):
+                    self._reinit()
+            _dist.broadcast_(*(t.detach() for t in tensors), src=0)
+        finally:
+            full = [mod._parameters[name] for mod, name, _ in sharded]
+            for mod, name, p in sharded:  # the optimizer and FSDP hold these objects
+                mod._parameters[name] = p
+        for (_, _, p), value in zip(sharded, full, strict=True):
+            _dist.copy_full_(p, cast(Tensor, value).detach())
         if self.reset_optimizer_state and self.optimizer is not None:
             for p in self.head.parameters():
                 self.optimizer.state.pop(p, None)
