@@ -452,6 +452,61 @@ def test_ddp_decisions_and_weights_identical_on_every_rank():
         assert torch.equal(a, b)
 
 
+def _coherent_run(l1_mode: str, rank: int | None) -> dict:
+    """10 steps on a global batch of 32; rank None: one process, else FSDP2 with 16 per rank."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    if rank is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model[0])
+        fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    reg = CoherentStrongReg(
+        model.named_parameters(), kind="l1", strength=0.05, max_ratio=1.0, l1_mode=l1_mode,
+        optimizer=opt,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(100)
+    rows = slice(None) if rank is None else slice(16 * rank, 16 * rank + 16)
+    for _ in range(10):
+        x, y = torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+        reg.step()
+        opt.step()
+        reg.after_step()
+    params = [p.detach() for p in model.parameters()]
+    if rank is not None:
+        params = [p.full_tensor() for p in params]
+    return {"history": reg.history, "params": params}
+
+
+def _fsdp_worker(rank: int, world_size: int) -> dict:
+    return {mode: _coherent_run(mode, rank) for mode in ("subgradient", "prox")}
+
+
+@pytest.mark.distributed
+def test_fsdp2_sharded_parameters_give_the_single_process_run():
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("needs torch.distributed.fsdp.fully_shard (FSDP2)")
+    ranks = run_distributed(_fsdp_worker)
+    for mode in ("subgradient", "prox"):
+        ref = _coherent_run(mode, None)
+        assert len({h["active"] for h in ref["history"]}) == 2  # the gate switched
+        for out in ranks:
+            got = out[mode]
+            assert [h["active"] for h in got["history"]] == [h["active"] for h in ref["history"]]
+            for key in ("cosine", "ratio", "grad_norm"):  # whole-tensor statistics, not a shard's
+                a = [h[key] for h in got["history"]]
+                b = [h[key] for h in ref["history"]]
+                assert a == pytest.approx(b, rel=1e-4), key
+            for a, b in zip(got["params"], ref["params"], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+                assert torch.equal(a == 0, b == 0)  # the same exact zeros
+
+
 # ----------------------------------------------------------------------------- example
 @pytest.mark.slow
 def test_example_smoke_runs(tmp_path):

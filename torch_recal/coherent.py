@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torch_recal import _dist
 from torch_recal.functional import coherence_statistics, soft_threshold_
 
 __all__ = ["CoherentStrongReg", "CompressionReport", "LayerSparsity", "compression_report"]
@@ -73,6 +74,11 @@ def _select_params(
             continue
         if not p.is_floating_point():
             raise TypeError(f"CoherentStrongReg: parameter `{name}` must be floating point")
+        if _dist.is_sharded(p) and not _dist.is_dtensor(p):
+            raise TypeError(
+                f"CoherentStrongReg: parameter `{name}` is an FSDP1 flat parameter, which is "
+                "not supported; use FSDP2 (fully_shard) or DDP"
+            )
         if not p.requires_grad:
             continue
         seen.add(id(p))
@@ -261,8 +267,10 @@ class CoherentStrongReg:
             )
         names = [n for n, _ in live]
         params: list[Tensor] = [p for _, p in live]
-        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]  # checked above
-        stats = coherence_statistics(grads, params, self.kind)
+        # elementwise work on this rank's slices of FSDP2 / DTensor parameters (views)
+        local_params = [_dist.local_tensor(p) for p in params]
+        grads: list[Tensor] = [_dist.local_tensor(p.grad) for p in params]  # type: ignore[arg-type]  # fmt: skip
+        stats = self._statistics(names, grads, local_params, params)
         dot, gg, rr = stats.tolist()  # the one host-device sync of the step
         g_norm = math.sqrt(gg)
         # L1: at w == 0 the regulariser's subgradient can reach `strength` in size (it is
@@ -276,9 +284,9 @@ class CoherentStrongReg:
         self._live = (names, params)
         if self.is_active:
             if self.kind == "l2":
-                torch._foreach_add_(grads, params, alpha=self.strength)
+                torch._foreach_add_(grads, local_params, alpha=self.strength)
             elif self.l1_mode == "subgradient":
-                self._l1_subgradient_(grads, params)  # type: ignore[arg-type]
+                self._l1_subgradient_(grads, local_params)
                 self._pending = "truncate"
             else:
                 self._pending = "prox"
@@ -293,6 +301,38 @@ class CoherentStrongReg:
             }
         )
         self.num_steps += 1
+
+    def _statistics(
+        self,
+        names: list[str],
+        grads: list[Tensor],
+        local_params: list[Tensor],
+        params: list[Tensor],
+    ) -> Tensor:
+        """``[<g, r>, |g|^2, |r|^2]`` over the whole tensors: DTensor (FSDP2) slices are
+        reduced over the ranks that hold the other slices, plain tensors are counted once."""
+        sharded = [i for i, p in enumerate(params) if _dist.is_dtensor(p)]
+        if not sharded:
+            return coherence_statistics(grads, local_params, self.kind)
+        plain = [i for i in range(len(params)) if i not in set(sharded)]
+        stats = coherence_statistics(
+            [grads[i] for i in sharded], [local_params[i] for i in sharded], self.kind
+        )
+        first = params[sharded[0]]
+        for i in sharded[1:]:
+            p = params[i]
+            if (p.device_mesh, p.placements) != (first.device_mesh, first.placements):  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"CoherentStrongReg: sharded parameters must share one device mesh and "
+                    f"placement; `{names[i]}` differs from `{names[sharded[0]]}` (use one "
+                    f"regulariser per mesh)"
+                )
+        _dist.all_reduce_over_shards_(stats, first)
+        if plain:
+            stats = stats + coherence_statistics(
+                [grads[i] for i in plain], [local_params[i] for i in plain], self.kind
+            )
+        return stats
 
     def _l1_subgradient_(self, grads: list[Tensor], params: list[Tensor]) -> None:
         """``g + strength * sign(w)`` where ``w != 0``; at ``w == 0`` the minimum-norm
@@ -344,10 +384,11 @@ class CoherentStrongReg:
         did not exceed ``strength`` are put back to exactly zero.
         """
         pending, self._pending = self._pending, None
-        names, params = self._live
+        names, originals = self._live
+        params = [_dist.local_tensor(p) for p in originals]  # DTensor: this rank's slice
         if pending == "prox":
             by_lr: dict[float, list[Tensor]] = {}
-            for p, lr in zip(params, self._group_lrs(names, params), strict=True):
+            for p, lr in zip(params, self._group_lrs(names, originals), strict=True):
                 by_lr.setdefault(lr, []).append(p)
             for lr, tensors in by_lr.items():
                 soft_threshold_(tensors, lr * self.strength)
