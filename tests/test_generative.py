@@ -472,3 +472,24 @@ def test_example_smoke_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GGR" in proc.stdout
     assert (tmp_path / "ggr.png").exists()
+
+
+def _sharded_worker(rank: int, world_size: int) -> str | None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    weight = nn.Parameter(distribute_tensor(torch.randn(4, 3, 3, 3), mesh, [Shard(0)]))
+    try:
+        GenerativeGradientLoss(weight, torch.zeros(4, 3, 3, 3))
+    except TypeError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.distributed
+def test_sharded_target_is_refused_with_a_clear_error():
+    # FSDP2 / tensor-parallel DTensor weight: the forward uses gathered copies, so the double
+    # backward cannot reach it; GGR says so up front instead of failing later
+    for error in run_distributed(_sharded_worker):
+        assert error is not None and "`target` is sharded (FSDP / DTensor)" in error

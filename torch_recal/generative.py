@@ -409,7 +409,7 @@ class GenerativeGradientLoss:
     ``r <- beta * r + (1 - beta) * g_ref`` (the first applied step sets ``r = g_ref``).
 
     Distributed (DDP, ``sync=True``, the default when ``torch.distributed`` is initialised;
-    FSDP, whose sharded parameters need ``use_orig_params``-style access, is untested):
+    FSDP is not supported: a sharded target raises ``TypeError``):
     ``g_cls`` and ``g_ref`` are averaged over ranks before ``D``, so with equal per-rank batch
     sizes and a ``task_loss`` that is a batch mean, the term and the reference
     on every rank equal a single-process run over the global batch. The term's backward
@@ -486,6 +486,12 @@ class GenerativeGradientLoss:
             )
         if not target.is_floating_point():
             raise TypeError(f"{who}: `target` must be floating point, got {target.dtype}")
+        if _dist.is_sharded(target):
+            raise TypeError(
+                f"{who}: `target` is sharded (FSDP / DTensor), which is not supported: the "
+                "double backward needs the weight the forward pass uses, and FSDP replaces it "
+                "by a gathered copy. Use DDP"
+            )
         if isinstance(reference, ReferenceDecoder):
             if tuple(reference.out.weight.shape) != tuple(target.shape):
                 raise ValueError(
@@ -580,7 +586,8 @@ class GenerativeGradientLoss:
         if g_cls is None:
             raise ValueError(
                 f"{who}: `task_loss` does not depend on `target`; pass the weight of a layer "
-                "that the loss's forward pass used (and the model's own parameter, not a copy)"
+                "that the loss's forward pass used (and the model's own parameter, not a copy; "
+                "under FSDP the forward uses gathered copies, which is not supported)"
             )
         # Commit state only now: nothing above changed it.
         if self.ema is not None:
