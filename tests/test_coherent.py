@@ -452,7 +452,7 @@ def test_ddp_decisions_and_weights_identical_on_every_rank():
         assert torch.equal(a, b)
 
 
-def _coherent_run(l1_mode: str, rank: int | None) -> dict:
+def _coherent_run(l1_mode: str, max_ratio: float, rank: int | None) -> dict:
     """10 steps on a global batch of 32; rank None: one process, else FSDP2 with 16 per rank."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -463,8 +463,8 @@ def _coherent_run(l1_mode: str, rank: int | None) -> dict:
         fully_shard(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     reg = CoherentStrongReg(
-        model.named_parameters(), kind="l1", strength=0.05, max_ratio=1.0, l1_mode=l1_mode,
-        optimizer=opt,
+        model.named_parameters(), kind="l1", strength=0.05, max_ratio=max_ratio,
+        l1_mode=l1_mode, optimizer=opt,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(100)
     rows = slice(None) if rank is None else slice(16 * rank, 16 * rank + 16)
@@ -475,14 +475,19 @@ def _coherent_run(l1_mode: str, rank: int | None) -> dict:
         reg.step()
         opt.step()
         reg.after_step()
+    report = compression_report(model)  # counts every rank's slice under FSDP2
     params = [p.detach() for p in model.parameters()]
     if rank is not None:
         params = [p.full_tensor() for p in params]
-    return {"history": reg.history, "params": params}
+    return {"history": reg.history, "params": params, "zeros": report.zeros}
 
 
 def _fsdp_worker(rank: int, world_size: int) -> dict:
-    return {mode: _coherent_run(mode, rank) for mode in ("subgradient", "prox")}
+    return {case: _coherent_run(*case, rank) for case in _FSDP_CASES}
+
+
+# max_ratio 1: the gate switches; 4: it stays on and makes exact zeros
+_FSDP_CASES = [(mode, ratio) for mode in ("subgradient", "prox") for ratio in (1.0, 4.0)]
 
 
 @pytest.mark.distributed
@@ -492,11 +497,14 @@ def test_fsdp2_sharded_parameters_give_the_single_process_run():
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("needs torch.distributed.fsdp.fully_shard (FSDP2)")
     ranks = run_distributed(_fsdp_worker)
-    for mode in ("subgradient", "prox"):
-        ref = _coherent_run(mode, None)
-        assert len({h["active"] for h in ref["history"]}) == 2  # the gate switched
+    for case in _FSDP_CASES:
+        ref = _coherent_run(*case, None)
+        if case[1] == 1.0:
+            assert len({h["active"] for h in ref["history"]}) == 2  # the gate switched
+        else:
+            assert ref["zeros"] > 0
         for out in ranks:
-            got = out[mode]
+            got = out[case]
             assert [h["active"] for h in got["history"]] == [h["active"] for h in ref["history"]]
             for key in ("cosine", "ratio", "grad_norm"):  # whole-tensor statistics, not a shard's
                 a = [h[key] for h in got["history"]]
@@ -505,6 +513,8 @@ def test_fsdp2_sharded_parameters_give_the_single_process_run():
             for a, b in zip(got["params"], ref["params"], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
                 assert torch.equal(a == 0, b == 0)  # the same exact zeros
+            zeros = sum(int((p == 0).sum()) for p in ref["params"] if p.ndim == 2)
+            assert got["zeros"] == ref["zeros"] == zeros
 
 
 # ----------------------------------------------------------------------------- example

@@ -554,6 +554,10 @@ def compression_report(
     for name, p in pairs:
         if weights_only and (p.ndim < 2 or name.rsplit(".", 1)[-1] == "bias"):
             continue
-        nonzero = int(torch.count_nonzero(p.detach().abs() > threshold))
+        local = _dist.local_tensor(p.detach())  # FSDP2 / DTensor: count this rank's slice
+        nonzero_t = torch.count_nonzero(local.abs() > threshold).reshape(1)
+        if _dist.is_dtensor(p):  # ... and add the other slices' counts (a collective)
+            _dist.all_reduce_over_shards_(nonzero_t, p)
+        nonzero = int(nonzero_t.item())
         layers.append(LayerSparsity(name, p.numel(), p.numel() - nonzero))
     return CompressionReport(tuple(layers), float(threshold))
