@@ -8,6 +8,7 @@ unconditionally.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import torch
@@ -45,9 +46,17 @@ def _fsdp2() -> tuple[Any, Any, Any]:
     )
 
 
+def _loaded(*modules: str) -> bool:
+    """Whether the user's code imported one of these (no DTensor / FSDP2 module can exist
+    otherwise, and importing them here would cost most of a second)."""
+    return any(name in sys.modules for name in modules)
+
+
 def is_dtensor(t: object) -> bool:
     """True for a DTensor (FSDP2 ``fully_shard``, tensor parallel)."""
-    if not dist.is_available():
+    if not dist.is_available() or not _loaded(
+        "torch.distributed.tensor", "torch.distributed._tensor"
+    ):
         return False
     dtensor = _fsdp2()[0]
     return dtensor is not None and isinstance(t, dtensor)
@@ -131,7 +140,11 @@ def reshard_fsdp(model: nn.Module) -> None:
     module then holds full-size temporaries, and a write to them would be lost. A no-op
     without FSDP2.
     """
-    fsdp_module = _fsdp2()[1] if dist.is_available() else None
+    if not dist.is_available() or not _loaded(
+        "torch.distributed.fsdp", "torch.distributed._composable.fsdp"
+    ):
+        return
+    fsdp_module = _fsdp2()[1]
     if fsdp_module is None:
         return
     for module in model.modules():
