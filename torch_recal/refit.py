@@ -735,6 +735,8 @@ def pinv_refit_dense(
 
     if model is not None:  # write to FSDP2's sharded parameters, never to gathered copies
         _dist.reshard_fsdp(model)
+    run = _Pass(linears, acts, loader, model, entry, dev, progress, ridge, targets, num_classes,
+                inv_act)  # fmt: skip
     backup = [(m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
               for m in linears]  # fmt: skip
     was_training = model.training if model is not None else False
@@ -749,38 +751,33 @@ def pinv_refit_dense(
                         "pinv_refit_dense: a stack needs one pass per layer; `loader` must be "
                         "re-iterable (a list or DataLoader), not a one-shot iterator"
                     )
-                res = _refit_one(
-                    linears, acts, idx, loader, model, entry, dev, ridge, targets, num_classes,
-                    inv_act, step_size, start, progress, assign or idx < len(linears) - 1,
-                )  # fmt: skip
-                results.append(res)
-            final = results[-1]
+                final = _refit_one(run, idx, step_size, start, assign or idx < len(linears) - 1)
+                results.append(final)
             acc = None
             if evaluate and targets != "raw" and not one_shot:
-                acc = _accuracy(linears, acts, final, loader, model, entry, dev, progress)
+                acc = _accuracy(run, final)
     except BaseException:
-        if model is not None:
-            _dist.reshard_fsdp(model)
-        for m, (w, b) in zip(linears, backup, strict=True):
-            with torch.no_grad():
-                m.weight.copy_(w)
-                if b is not None:
-                    m.bias.copy_(b)
+        run.reshard()
+        _restore(linears, backup)
         raise
     finally:
         if model is not None:
             model.train(was_training)
     if not assign:  # inner layers of a stack were assigned to chain the passes: undo
-        for m, (w, b) in zip(linears, backup, strict=True):
-            with torch.no_grad():
-                m.weight.copy_(w)
-                if b is not None:
-                    m.bias.copy_(b)
+        _restore(linears, backup)
     final.accuracy = acc
     final.seconds = time.perf_counter() - t0
     if len(linears) > 1:
         final.layers = results
     return final
+
+
+def _restore(linears: list[nn.Linear], backup: Sequence[tuple[Tensor, Tensor | None]]) -> None:
+    with torch.no_grad():
+        for m, (w, b) in zip(linears, backup, strict=True):
+            m.weight.copy_(w)
+            if b is not None:
+                m.bias.copy_(b)
 
 
 _Dense = tuple[Tensor, Tensor | None]
@@ -809,54 +806,68 @@ def _forward_stack(
     return h
 
 
-def _refit_one(
-    linears: list[nn.Linear],
-    acts: list[nn.Module | None],
-    idx: int,
-    loader: Iterable[Any],
-    model: nn.Module | None,
-    entry: nn.Module,
-    dev: torch.device,
-    ridge: float,
-    targets: str,
-    num_classes: int,
-    inv_act: Callable[[Tensor], Tensor],
-    step_size: float,
-    start: str,
-    progress: bool,
-    assign: bool,
-) -> RefitResult:
-    lin = linears[idx]
+@dataclass
+class _Pass:
+    """What every pass over the data of one :func:`pinv_refit_dense` call shares."""
+
+    linears: list[nn.Linear]
+    acts: list[nn.Module | None]
+    loader: Iterable[Any]
+    model: nn.Module | None
+    entry: nn.Module
+    dev: torch.device
+    progress: bool
+    ridge: float
+    targets: str
+    num_classes: int
+    inv_act: Callable[[Tensor], Tensor]
+
+    def reshard(self) -> None:
+        """FSDP2 keeps the root's parameters gathered after a no_grad forward: put the shards
+        back before reading or writing parameters."""
+        if self.model is not None:
+            _dist.reshard_fsdp(self.model)
+
+    def each_batch(self, desc: str, fn: Callable[[Tensor, Tensor], None]) -> None:
+        """``fn(features, labels)`` for every batch, as a collective: an error on one rank
+        (bad data, a failing loader) is raised on every rank instead of leaving the others
+        waiting in the next all-reduce."""
+        error: Exception | None = None
+        try:
+            batches = _batches(self.loader, self.model, self.entry, self.dev, self.progress, desc)
+            with contextlib.closing(batches):  # the hook goes even when a batch is rejected
+                for h, y in batches:
+                    fn(h, y)
+        except Exception as err:
+            error = err
+        finally:
+            self.reshard()
+        _dist.raise_if_any_rank_failed(error, f"pinv_refit_dense ({desc})", self.dev)
+
+
+def _refit_one(run: _Pass, idx: int, step_size: float, start: str, assign: bool) -> RefitResult:
+    lin = run.linears[idx]
     d, k = lin.in_features, lin.out_features
-    acc = NormalEquations(d, k, fit_intercept=lin.bias is not None, device=dev)
-    desc = "refit" if len(linears) == 1 else f"refit layer {idx}"
-    params = _dense_params(linears)
-    error: Exception | None = None
-    try:
-        with contextlib.closing(_batches(loader, model, entry, dev, progress, desc)) as batches:
-            for h, y in batches:  # closing(): the hook goes even when a batch is rejected
-                _accumulate(acc, linears, params, acts, idx, h, y, dev, ridge, targets,
-                            num_classes, inv_act)  # fmt: skip
-    except Exception as err:  # bad data on one rank must not leave the others waiting
-        error = err
-    finally:
-        if model is not None:  # FSDP2 keeps the root's parameters gathered after no_grad
-            _dist.reshard_fsdp(model)
-    _dist.raise_if_any_rank_failed(error, "pinv_refit_dense", dev)
+    acc = NormalEquations(d, k, fit_intercept=lin.bias is not None, device=run.dev)
+    params = _dense_params(run.linears)
+    run.each_batch(
+        "refit" if len(run.linears) == 1 else f"refit layer {idx}",
+        lambda h, y: _accumulate(run, acc, params, idx, h, y),
+    )
     acc.all_reduce()
     if acc.count == 0:
         raise ValueError("pinv_refit_dense: `loader` yielded no samples")
     w_cur, b_cur = params[idx]
     if start == "current":
-        sol = acc.solve(ridge, start=w_cur, start_bias=b_cur)
+        sol = acc.solve(run.ridge, start=w_cur, start_bias=b_cur)
     else:
-        sol = acc.solve(ridge)
+        sol = acc.solve(run.ridge)
     weight, bias = sol.weight, sol.bias
     if step_size != 1:
-        w64 = w_cur.to(dev, torch.float64)
+        w64 = w_cur.to(run.dev, torch.float64)
         weight = w64 + step_size * (weight - w64)
         if bias is not None and b_cur is not None:
-            b64 = b_cur.to(dev, torch.float64)
+            b64 = b_cur.to(run.dev, torch.float64)
             bias = b64 + step_size * (bias - b64)
     mse = acc.residual_sum_of_squares(weight, bias) / (acc.count * k)
     weight = weight.to(lin.weight.device, lin.weight.dtype)
@@ -868,25 +879,17 @@ def _refit_one(
         _dist.copy_full_(lin.weight, weight)
         if bias is not None:
             _dist.copy_full_(lin.bias, bias)
-    return RefitResult(weight, bias, acc.count, mse, None, sol.solver, sol.condition, 0.0, ridge)
+    return RefitResult(
+        weight, bias, acc.count, mse, None, sol.solver, sol.condition, 0.0, run.ridge
+    )
 
 
 def _accumulate(
-    acc: NormalEquations,
-    linears: list[nn.Linear],
-    params: list[_Dense],
-    acts: list[nn.Module | None],
-    idx: int,
-    h: Tensor,
-    y: Tensor,
-    dev: torch.device,
-    ridge: float,
-    targets: str,
-    num_classes: int,
-    inv_act: Callable[[Tensor], Tensor],
+    run: _Pass, acc: NormalEquations, params: list[_Dense], idx: int, h: Tensor, y: Tensor
 ) -> None:
-    """Check one batch and add it to ``acc`` (the input of ``linears[idx]`` and its target);
-    ``params`` are the stack's whole weights (:func:`_dense_params`)."""
+    """Check one batch and add it to ``acc`` (the input of dense layer ``idx`` and its
+    target); ``params`` are the stack's whole weights (:func:`_dense_params`)."""
+    linears = run.linears
     n = h.shape[0]
     if h.ndim != 2 or h.shape[1] != linears[0].in_features:
         raise ValueError(
@@ -895,48 +898,34 @@ def _accumulate(
         )
     if not h.is_floating_point():
         raise ValueError(f"pinv_refit_dense: features must be floating point, got {h.dtype}")
-    h = h.to(dev)
-    t = _make_targets(y, targets, num_classes, linears[-1].out_features, n, dev)
-    t = inv_act(t.to(torch.float64))
+    h = h.to(run.dev)
+    t = _make_targets(y, run.targets, run.num_classes, linears[-1].out_features, n, run.dev)
+    t = run.inv_act(t.to(torch.float64))
     if idx < len(linears) - 1:
         # pull the final target back to the output of linears[idx]
         for j in range(len(linears) - 1, idx, -1):
-            t = _pull_back(t, params[j], acts[j - 1], ridge)
-    x = _forward_stack(params, acts, h, idx)
+            t = _pull_back(t, params[j], run.acts[j - 1], run.ridge)
+    x = _forward_stack(params, run.acts, h, idx)
     if not torch.isfinite(t).all():
         raise ValueError("pinv_refit_dense: targets are not finite after inverse_activation")
     acc.update(x, t.to(_compute_dtype(x.dtype)) if x.dtype != torch.float64 else t)
 
 
-def _accuracy(
-    linears: list[nn.Linear],
-    acts: list[nn.Module | None],
-    final: RefitResult,
-    loader: Iterable[Any],
-    model: nn.Module | None,
-    entry: nn.Module,
-    dev: torch.device,
-    progress: bool,
-) -> float:
-    params = _dense_params(linears)
-    correct = torch.zeros((), dtype=torch.float64, device=dev)
-    total = torch.zeros((), dtype=torch.float64, device=dev)
-    error: Exception | None = None
-    try:
-        with contextlib.closing(_batches(loader, model, entry, dev, progress, "refit eval")) as it:
-            for h, y in it:
-                x = _forward_stack(params, acts, h.to(dev), len(linears) - 1)
-                out = x.to(final.weight.dtype) @ final.weight.T
-                if final.bias is not None:
-                    out = out + final.bias
-                correct += (out.argmax(1) == y.to(dev)).sum()
-                total += y.shape[0]
-    except Exception as err:  # e.g. a loader that fails on its second pass, on one rank
-        error = err
-    finally:
-        if model is not None:
-            _dist.reshard_fsdp(model)
-    _dist.raise_if_any_rank_failed(error, "pinv_refit_dense (accuracy pass)", dev)
+def _accuracy(run: _Pass, final: RefitResult) -> float:
+    params = _dense_params(run.linears)
+    correct = torch.zeros((), dtype=torch.float64, device=run.dev)
+    total = torch.zeros((), dtype=torch.float64, device=run.dev)
+
+    def count(h: Tensor, y: Tensor) -> None:
+        nonlocal correct, total
+        x = _forward_stack(params, run.acts, h.to(run.dev), len(run.linears) - 1)
+        out = x.to(final.weight.dtype) @ final.weight.T
+        if final.bias is not None:
+            out = out + final.bias
+        correct += (out.argmax(1) == y.to(run.dev)).sum()
+        total += y.shape[0]
+
+    run.each_batch("refit eval", count)
     _dist.all_reduce_sum_(correct, total)
     return float((correct / total.clamp_min(1)).item())
 
