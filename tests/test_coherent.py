@@ -452,22 +452,31 @@ def test_ddp_decisions_and_weights_identical_on_every_rank():
         assert torch.equal(a, b)
 
 
-def _coherent_run(l1_mode: str, max_ratio: float, rank: int | None) -> dict:
-    """10 steps on a global batch of 32; rank None: one process, else FSDP2 with 16 per rank."""
+def _coherent_run(
+    l1_mode: str, max_ratio: float, rank: int | None, world_size: int = 2, hsdp: bool = False
+) -> dict:
+    """10 steps on a global batch of 32; rank None: one process, else FSDP2 with an equal
+    part per rank (``hsdp``: a 2 x 2 mesh, replicated across its first dimension)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     if rank is not None:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model[0])
-        fully_shard(model)
+        if hsdp:
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (world_size,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     reg = CoherentStrongReg(
         model.named_parameters(), kind="l1", strength=0.05, max_ratio=max_ratio,
         l1_mode=l1_mode, optimizer=opt,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(100)
-    rows = slice(None) if rank is None else slice(16 * rank, 16 * rank + 16)
+    part = 32 // world_size
+    rows = slice(None) if rank is None else slice(part * rank, part * rank + part)
     for _ in range(10):
         x, y = torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
         opt.zero_grad()
@@ -482,8 +491,8 @@ def _coherent_run(l1_mode: str, max_ratio: float, rank: int | None) -> dict:
     return {"history": reg.history, "params": params, "zeros": report.zeros}
 
 
-def _fsdp_worker(rank: int, world_size: int) -> dict:
-    return {case: _coherent_run(*case, rank) for case in _FSDP_CASES}
+def _fsdp_worker(rank: int, world_size: int, hsdp: bool = False) -> dict:
+    return {case: _coherent_run(*case, rank, world_size, hsdp) for case in _FSDP_CASES}
 
 
 # max_ratio 1: the gate switches; 4: it stays on and makes exact zeros
@@ -491,12 +500,14 @@ _FSDP_CASES = [(mode, ratio) for mode in ("subgradient", "prox") for ratio in (1
 
 
 @pytest.mark.distributed
-def test_fsdp2_sharded_parameters_give_the_single_process_run():
+@pytest.mark.parametrize("hsdp", [False, True], ids=["fsdp2", "hsdp-2x2"])
+def test_fsdp2_sharded_parameters_give_the_single_process_run(hsdp):
     from torch.distributed import fsdp
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("needs torch.distributed.fsdp.fully_shard (FSDP2)")
-    ranks = run_distributed(_fsdp_worker)
+    # HSDP: sums over the sharded mesh dimension only (the replicated one holds copies)
+    ranks = run_distributed(_fsdp_worker, hsdp, world_size=4 if hsdp else 2)
     for case in _FSDP_CASES:
         ref = _coherent_run(*case, None)
         if case[1] == 1.0:
@@ -509,7 +520,7 @@ def test_fsdp2_sharded_parameters_give_the_single_process_run():
             for key in ("cosine", "ratio", "grad_norm"):  # whole-tensor statistics, not a shard's
                 a = [h[key] for h in got["history"]]
                 b = [h[key] for h in ref["history"]]
-                assert a == pytest.approx(b, rel=1e-4), key
+                assert a == pytest.approx(b, rel=1e-4, abs=1e-7), key  # cosine can be ~0
             for a, b in zip(got["params"], ref["params"], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
                 assert torch.equal(a == 0, b == 0)  # the same exact zeros
