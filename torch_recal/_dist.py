@@ -15,6 +15,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+__all__ = [
+    "all_reduce_over_shards_",
+    "all_reduce_sum_",
+    "broadcast_",
+    "copy_full_",
+    "full_tensor",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+    "is_dtensor",
+    "is_sharded",
+    "local_tensor",
+    "raise_if_any_rank_failed",
+    "reshard_fsdp",
+]
+
 
 @functools.cache
 def _fsdp2() -> tuple[Any, Any, Any]:
@@ -187,7 +203,10 @@ def all_reduce_over_shards_(stats: torch.Tensor, like: torch.Tensor) -> None:
     """Sum ``stats``, computed from this rank's slices of DTensors placed like ``like``, over
     the mesh dimensions along which ``like`` is sharded (replicated dimensions hold copies and
     are not summed), so that every rank gets the statistics of the whole tensors."""
-    from torch.distributed.tensor import Shard
+    try:
+        from torch.distributed.tensor import Shard
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import Shard  # type: ignore[no-redef]
 
     mesh = like.device_mesh  # type: ignore[attr-defined]
     for dim, placement in enumerate(like.placements):  # type: ignore[attr-defined]
