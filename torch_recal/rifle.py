@@ -61,10 +61,9 @@ def find_classifier(model: nn.Module) -> nn.Module:
 
     Looked up in this order: timm's ``model.get_classifier()``; otherwise the one attribute
     among ``fc``, ``classifier``, ``head`` and ``heads`` (torchvision's ViT) that holds a
-    module. A head that is a container
-    (``nn.Sequential``, timm's ``ClassifierHead``) gives its last ``nn.Linear`` (or, with no
-    Linear inside, its last layer with parameters, e.g. a 1x1 conv). DDP / DataParallel and
-    ``torch.compile`` wrappers are looked through.
+    module. A head that is a container (``nn.Sequential``, timm's ``ClassifierHead``) gives
+    its last ``nn.Linear`` (or, with no Linear inside, its last layer with parameters, e.g. a
+    1x1 conv). DDP / DataParallel and ``torch.compile`` wrappers are looked through.
 
     Paper: Li et al., https://arxiv.org/abs/2007.03349
 
@@ -315,7 +314,7 @@ class RifleScheduler:
         self._fsdp_scope = target if isinstance(target, nn.Module) else None
         if self._fsdp_scope is not None:
             _dist.reshard_fsdp(self._fsdp_scope)
-        self._head_sharded = any(_dist.is_sharded(p) for p in head.parameters())
+        self._head_sharded = any(_dist.is_dtensor(p) for p in head.parameters())
         self.total_epochs = total_epochs
         self.num_resets = len(schedule)
         self.unit = unit
@@ -507,7 +506,7 @@ class RifleScheduler:
             (mod, name, p)
             for mod in self.head.modules()
             for name, p in mod._parameters.items()
-            if p is not None and _dist.is_sharded(p)
+            if p is not None and _dist.is_dtensor(p)
         ]
         if self._head_sharded and not sharded:
             raise RuntimeError(
