@@ -474,22 +474,33 @@ def test_example_smoke_run(tmp_path: Path) -> None:
     assert (tmp_path / "ggr.png").exists()
 
 
-def _sharded_worker(rank: int, world_size: int) -> str | None:
+def _sharded_worker(rank: int, world_size: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from torch_recal import CoherentStrongReg
 
     mesh = init_device_mesh("cpu", (world_size,))
     weight = nn.Parameter(distribute_tensor(torch.randn(4, 3, 3, 3), mesh, [Shard(0)]))
+    other = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
+    out: dict = {}
     try:
         GenerativeGradientLoss(weight, torch.zeros(4, 3, 3, 3))
     except TypeError as err:
-        return str(err)
-    return None
+        out["ggr"] = str(err)
+    try:  # the coherent gate takes DTensors, but one layout per regulariser
+        CoherentStrongReg([("conv.weight", weight), ("fc.weight", other)], strength=1e-3)
+    except ValueError as err:
+        out["coherent"] = str(err)
+    return out
 
 
 @pytest.mark.distributed
 def test_sharded_target_is_refused_with_a_clear_error():
     # FSDP2 / tensor-parallel DTensor weight: the forward uses gathered copies, so the double
     # backward cannot reach it; GGR says so up front instead of failing later
-    for error in run_distributed(_sharded_worker):
-        assert error is not None and "`target` is sharded (FSDP / DTensor)" in error
+    for out in run_distributed(_sharded_worker):
+        assert "`target` is sharded (FSDP / DTensor)" in out["ggr"]
+        assert (
+            "`fc.weight` (" in out["coherent"] and "differs from `conv.weight`" in out["coherent"]
+        )

@@ -46,6 +46,23 @@ def _is_real(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _check_one_mesh(names: list[str], params: list[nn.Parameter]) -> None:
+    """Sharded (DTensor) parameters must share one mesh and placement: their statistics are
+    summed over that mesh's sharded dimensions in one collective."""
+    sharded = [(n, p) for n, p in zip(names, params, strict=True) if _dist.is_dtensor(p)]
+    if not sharded:
+        return
+    name0, first = sharded[0]
+    layout = (first.device_mesh, first.placements)  # type: ignore[attr-defined]
+    for name, p in sharded[1:]:
+        if (p.device_mesh, p.placements) != layout:  # type: ignore[attr-defined]
+            raise ValueError(
+                f"CoherentStrongReg: sharded parameters must share one device mesh and "
+                f"placement; `{name}` ({p.placements}) differs from `{name0}` "  # type: ignore[attr-defined]
+                f"({first.placements}): use one regulariser per layout"  # type: ignore[attr-defined]
+            )
+
+
 def _select_params(
     params: Iterable[Any], weights_only: bool
 ) -> tuple[list[str], list[nn.Parameter]]:
@@ -202,6 +219,7 @@ class CoherentStrongReg:
                 f"{name}: l1_mode='prox' needs `lr=` or `optimizer=` for the threshold"
             )
         self.names, self.params = _select_params(params, bool(weights_only))
+        _check_one_mesh(self.names, self.params)
         self._live: tuple[list[str], list[Tensor]] = (self.names, list(self.params))
         self.kind = kind
         self.strength = float(strength)
@@ -270,7 +288,7 @@ class CoherentStrongReg:
         # elementwise work on this rank's slices of FSDP2 / DTensor parameters (views)
         local_params = [_dist.local_tensor(p) for p in params]
         grads: list[Tensor] = [_dist.local_tensor(p.grad) for p in params]  # type: ignore[arg-type]  # fmt: skip
-        stats = self._statistics(names, grads, local_params, params)
+        stats = self._statistics(grads, local_params, params)
         dot, gg, rr = stats.tolist()  # the one host-device sync of the step
         g_norm = math.sqrt(gg)
         # L1: at w == 0 the regulariser's subgradient can reach `strength` in size (it is
@@ -304,7 +322,6 @@ class CoherentStrongReg:
 
     def _statistics(
         self,
-        names: list[str],
         grads: list[Tensor],
         local_params: list[Tensor],
         params: list[Tensor],
@@ -318,16 +335,7 @@ class CoherentStrongReg:
         stats = coherence_statistics(
             [grads[i] for i in sharded], [local_params[i] for i in sharded], self.kind
         )
-        first = params[sharded[0]]
-        for i in sharded[1:]:
-            p = params[i]
-            if (p.device_mesh, p.placements) != (first.device_mesh, first.placements):  # type: ignore[attr-defined]
-                raise ValueError(
-                    f"CoherentStrongReg: sharded parameters must share one device mesh and "
-                    f"placement; `{names[i]}` differs from `{names[sharded[0]]}` (use one "
-                    f"regulariser per mesh)"
-                )
-        _dist.all_reduce_over_shards_(stats, first)
+        _dist.all_reduce_over_shards_(stats, params[sharded[0]])  # one mesh: checked at init
         if plain:
             stats = stats + coherence_statistics(
                 [grads[i] for i in plain], [local_params[i] for i in plain], self.kind
