@@ -472,6 +472,48 @@ def test_refit_under_fsdp2_writes_the_shards_and_equals_the_union():
         assert _rel(r["logits"], feats @ sk.coef_.T + sk.intercept_) < 1e-8  # and it is used
 
 
+def _fsdp_random_layers_worker(rank, world_size):
+    from torch.distributed.fsdp import fully_shard
+
+    from torch_recal import RandomLayerTraining
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 8) for _ in range(4)]
+    model = nn.Sequential(*[m for lin in layers for m in (lin, nn.ReLU())], nn.Linear(8, 3))
+    for lin in layers:
+        fully_shard(lin)
+    fully_shard(model)
+    rlt = RandomLayerTraining(layers, seed=None)  # the choice is broadcast from rank 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(rank))
+    out = []
+    for _ in range(4):
+        rlt.step()
+        before = [lin.weight.detach().full_tensor().clone() for lin in layers]
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        moved = [
+            not torch.equal(lin.weight.detach().full_tensor(), b)
+            for lin, b in zip(layers, before, strict=True)
+        ]
+        out.append((list(rlt.trainable), moved))
+    return out
+
+
+@pytest.mark.distributed
+def test_random_layer_training_under_fsdp2_freezes_exactly_the_chosen_layers():
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("needs torch.distributed.fsdp.fully_shard (FSDP2)")
+    r0, r1 = run_distributed(_fsdp_random_layers_worker)
+    assert r0 == r1  # the same choice on every rank
+    for trainable, moved in r0:
+        assert moved == trainable  # frozen shards stay, trainable ones take the step
+    assert len({tuple(t) for t, _ in r0}) > 1  # the choice changes between epochs
+
+
 def _dist_failure_worker(rank, world_size, h, y):
     import time
 
