@@ -12,10 +12,15 @@ Side by side in one run, on the same float32 features:
    each in a fresh subprocess, next to the O(d^2 + d k) float64 statistics;
 3. end to end: refit of a CNN's classifier (one inference pass + solve) vs one SGD epoch.
 
+``--blocks`` instead times the pieces behind two choices in ``NormalEquations.update``, over
+1024-row float32 batches: the lower block triangle of ``h^T h`` for several block sizes vs
+the full per-batch GEMM, and ``t^T h`` vs ``h^T t`` for the (k = 10)-column targets.
+
 Usage::
 
     PYTHONPATH=. python benchmarks/bench_refit.py            # full (a few minutes, 1 thread)
     PYTHONPATH=. python benchmarks/bench_refit.py --quick    # seconds
+    PYTHONPATH=. python benchmarks/bench_refit.py --blocks   # block sizes, GEMM orientation
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torch_recal import pinv_refit_dense
+from torch_recal.refit import _gram_block
 
 
 def best_of(fn, repeats: int) -> float:
@@ -144,13 +150,56 @@ def bench_end_to_end(n: int, batch: int) -> dict:
     return {"n": n, "sgd_epoch": sgd, "refit": refit}
 
 
+_BLOCK_SIZES = (64, 128, 256)
+
+
+def _lower_triangle(batches: list[torch.Tensor], step: int) -> None:
+    d = batches[0].shape[1]
+    for b in batches:
+        for r0 in range(0, d, step):
+            b[:, r0 : r0 + step].T @ b[:, : r0 + step]
+
+
+def _block_row(n: int, d: int, repeats: int) -> list[str]:
+    h, y = features(n, d, 10)
+    hs = list(h.split(1024))
+    ts = [torch.nn.functional.one_hot(yb, 10).float() for yb in y.split(1024)]
+    pairs = list(zip(hs, ts, strict=True))
+    cells = [f"{best_of(lambda: [b.T @ b for b in hs], repeats):.3f}"]
+    for step in _BLOCK_SIZES:
+        if step >= d:
+            cells.append("-")
+            continue
+        t = best_of(lambda: _lower_triangle(hs, step), repeats)  # noqa: B023 (called here)
+        cells.append(f"{t:.3f}{'*' if step == _gram_block(d) else ''}")
+    cells.append(f"{best_of(lambda: [t.T @ b for b, t in pairs], repeats):.3f}")
+    cells.append(f"{best_of(lambda: [b.T @ t for b, t in pairs], repeats):.3f}")
+    return cells
+
+
+def bench_blocks(repeats: int = 3) -> None:
+    """Per-batch Gram pieces: block sizes of the lower triangle, and the target product."""
+    print(f"\nblock sizes (best of {repeats}, s), 1024-row float32 batches; library's choice *")
+    print(
+        "| N x d | full GEMM per batch | " + " | ".join(f"block {b}" for b in _BLOCK_SIZES), end=""
+    )
+    print(" | t^T h | h^T t |")
+    print("|---|---|" + "---|" * len(_BLOCK_SIZES) + "---|---|")
+    for n, d in [(60000, 256), (60000, 512), (30000, 1024), (20000, 2048)]:
+        print(f"| {n} x {d} | " + " | ".join(_block_row(n, d, repeats)) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, seconds")
+    p.add_argument("--blocks", action="store_true", help="only the per-batch Gram pieces")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     threads = os.environ["OMP_NUM_THREADS"]
     print(f"torch {torch.__version__}, numpy {np.__version__}, {threads} BLAS thread(s), CPU")
+    if args.blocks:
+        bench_blocks()
+        return
     k = 10
     if args.quick:
         sizes, repeats, mem_ns, e2e_n = [(6000, 256), (3000, 1024)], 1, [2000, 8000], 256

@@ -63,8 +63,8 @@ def _fsdp2() -> tuple[Any, Any, Any]:
 
 
 def _loaded(*modules: str) -> bool:
-    """Whether the user's code imported one of these (no DTensor / FSDP2 module can exist
-    otherwise, and importing them here would cost most of a second)."""
+    """Whether the user's code imported one of these: no DTensor / FSDP2 module can exist
+    otherwise, and importing them only to find none would slow the first call down."""
     return any(name in sys.modules for name in modules)
 
 

@@ -15,7 +15,8 @@ TPAMI 2019, https://arxiv.org/abs/1809.05606.
 Numerics. Each batch is centred on its own mean and its centred Gram products are merged
 into running centred statistics with Chan et al.'s pairwise update (float64). The Gram
 product is symmetric, so only its lower block triangle is computed (block rows of
-``_gram_block(d)`` columns: about 0.55-0.7x the flops and time of the full GEMM for d >= 512)
+``_gram_block(d)`` columns: 0.53-0.69x the time of the full GEMM for d = 256 ... 2048,
+``benchmarks/bench_refit.py --blocks``)
 and the upper triangle is mirrored once, when the statistics are read. The bias is
 then ``b = mean(T) - W mean(H)``, i.e. the augmented system with an unpenalised bias row
 is solved by eliminating the bias exactly, without forming the ill-conditioned uncentred
@@ -382,8 +383,9 @@ class NormalEquations:
 
 
 def _gram_block(d: int) -> int:
-    """Rows per block of :func:`_lower_gram_blocks`. Measured on one CPU thread (batches of
-    1024, float32): 64 is best for d = 256 and 512, 128 for d = 1024, 256 for d = 2048."""
+    """Rows per block of :func:`_lower_gram_blocks`: the best or within 2 % of the best of
+    64/128/256 for d = 256 ... 2048 on one CPU thread, 1024-row float32 batches
+    (``PYTHONPATH=. python benchmarks/bench_refit.py --blocks``)."""
     return max(64, d // 8)
 
 
