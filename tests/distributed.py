@@ -26,11 +26,26 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_distributed"]
+__all__ = ["needs_fsdp2", "run_distributed"]
+
+
+def _has_fsdp2() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: skip marker for tests that shard with FSDP2's public ``fully_shard`` (torch >= 2.6)
+needs_fsdp2 = pytest.mark.skipif(
+    not _has_fsdp2(), reason="needs torch.distributed.fsdp.fully_shard"
+)
 
 
 def _free_port() -> int:

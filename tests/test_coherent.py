@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.distributed import run_distributed
+from tests.distributed import needs_fsdp2, run_distributed
 from torch_recal import CoherentStrongReg, compression_report
 from torch_recal.functional import coherence_statistics, soft_threshold_
 
@@ -501,11 +501,8 @@ _FSDP_CASES = [(mode, ratio) for mode in ("subgradient", "prox") for ratio in (1
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("hsdp", [False, True], ids=["fsdp2", "hsdp-2x2"])
+@needs_fsdp2
 def test_fsdp2_sharded_parameters_give_the_single_process_run(hsdp):
-    from torch.distributed import fsdp
-
-    if not hasattr(fsdp, "fully_shard"):
-        pytest.skip("needs torch.distributed.fsdp.fully_shard (FSDP2)")
     # HSDP: sums over the sharded mesh dimension only (the replicated one holds copies)
     ranks = run_distributed(_fsdp_worker, hsdp, world_size=4 if hsdp else 2)
     for case in _FSDP_CASES:

@@ -18,7 +18,7 @@ import torch
 from sklearn.linear_model import Ridge
 from torch import nn
 
-from tests.distributed import run_distributed
+from tests.distributed import needs_fsdp2, run_distributed
 from torch_recal import NormalEquations, RandomLayerTraining, pinv_refit_dense
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -454,12 +454,8 @@ def _fsdp_refit_worker(rank, world_size, x, y):
 
 
 @pytest.mark.distributed
+@needs_fsdp2
 def test_refit_under_fsdp2_writes_the_shards_and_equals_the_union():
-    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
-    from torch.distributed import fsdp
-
-    if not hasattr(fsdp, "fully_shard"):
-        pytest.skip("needs torch.distributed.fsdp.fully_shard (FSDP2)")
     h, y = _data(n=230, d=6)
     out = run_distributed(_fsdp_refit_worker, h, y)
     feats = out[0]["features"].numpy()
@@ -502,11 +498,8 @@ def _fsdp_random_layers_worker(rank, world_size):
 
 
 @pytest.mark.distributed
+@needs_fsdp2
 def test_random_layer_training_under_fsdp2_freezes_exactly_the_chosen_layers():
-    from torch.distributed import fsdp
-
-    if not hasattr(fsdp, "fully_shard"):
-        pytest.skip("needs torch.distributed.fsdp.fully_shard (FSDP2)")
     r0, r1 = run_distributed(_fsdp_random_layers_worker)
     assert r0 == r1  # the same choice on every rank
     for trainable, moved in r0:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.distributed import run_distributed
+from tests.distributed import needs_fsdp2, run_distributed
 from torch_recal import RifleScheduler, find_classifier
 from torch_recal.models import resnet20
 
@@ -587,11 +587,8 @@ def _fsdp_worker(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.distributed
+@needs_fsdp2
 def test_fsdp2_sharded_head_is_reset_at_full_size_and_sharded_back():
-    from torch.distributed import fsdp
-
-    if not hasattr(fsdp, "fully_shard"):
-        pytest.skip("needs torch.distributed.fsdp.fully_shard (FSDP2)")
     r0, r1 = run_distributed(_fsdp_worker)
     torch.manual_seed(3)
     model = TinyNet()  # the same values, unsharded, in one process
