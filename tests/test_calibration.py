@@ -116,11 +116,17 @@ def test_init_is_the_official_one():
     assert ResponseCalibration(3, reduction=16).fc1.out_features == 1  # max(1, C // r)
 
 
-def test_gradcheck_functional_float64():
+def _float64_leaves() -> tuple[torch.Tensor, ...]:
+    """Response, shortcut, per-sample mean and (positive) scale for the gradient checks."""
     u = torch.randn(2, 3, 4, 2, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 3, 4, 2, dtype=torch.float64, requires_grad=True)
     mu = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     sigma = (torch.rand(2, 3, dtype=torch.float64) + 0.3).requires_grad_()
+    return u, x, mu, sigma
+
+
+def test_gradcheck_functional_float64():
+    u, x, mu, sigma = _float64_leaves()
     for conf in ("cdf", "pdf"):
         assert torch.autograd.gradcheck(
             lambda *a, c=conf: response_calibration(*a, confidence=c), (u, mu, sigma)
@@ -133,10 +139,7 @@ def test_gradcheck_functional_float64():
 
 def test_double_backward_gradgradcheck_float64():
     # GenerativeGradientLoss differentiates through gradients (create_graph=True)
-    u = torch.randn(2, 3, 4, 2, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, 3, 4, 2, dtype=torch.float64, requires_grad=True)
-    mu = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    sigma = (torch.rand(2, 3, dtype=torch.float64) + 0.3).requires_grad_()
+    u, x, mu, sigma = _float64_leaves()
     for conf in ("cdf", "pdf"):
         assert torch.autograd.gradgradcheck(
             lambda *a, c=conf: response_calibration_residual(*a, confidence=c, relu=False),
