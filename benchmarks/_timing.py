@@ -1,4 +1,4 @@
-"""Tiny timing helpers shared by the benchmark scripts (median of repeats, CUDA-synchronised)."""
+"""Tiny timing helpers shared by the benchmark scripts (interleaved medians, CUDA-synchronised)."""
 
 from __future__ import annotations
 
@@ -12,22 +12,6 @@ import torch
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def median_time(
-    fn: Callable[[], object], device: str, *, warmup: int = 3, repeats: int = 15
-) -> float:
-    """Median wall time of ``fn()`` in seconds."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def interleaved(

@@ -15,31 +15,31 @@ than the overhead itself.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import sync
+
 from torch_recal import CoherentStrongReg, models
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _plain_step_times(model, x, y, device, steps, warmup):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times = []
     for i in range(warmup + steps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _sync(device)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times
@@ -53,11 +53,11 @@ def _reg_times(model, x, y, device, reg_kwargs, repeats):
     nn.functional.cross_entropy(model(x), y).backward()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         reg.step()
         reg.after_step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
 

@@ -21,11 +21,16 @@ PyTorch double-backward formulas the extra time goes to.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import sync
 
 from torch_recal import GenerativeGradientLoss, ReferenceDecoder
 from torch_recal.models import resnet20
@@ -46,11 +51,6 @@ class _SavedBytes:
 
     def unpack(self, t: torch.Tensor) -> torch.Tensor:
         return t
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def make_step(mode: str, args: argparse.Namespace):
@@ -112,12 +112,12 @@ def profile_steps(args: argparse.Namespace, n: int = 3) -> None:
         step, _ = make_step(mode, args)
         for _ in range(args.warmup):
             step()
-        _sync(args.device)
+        sync(args.device)
         t0 = time.perf_counter()
         with profile(activities=activities) as prof:
             for _ in range(n):
                 step()
-            _sync(args.device)
+            sync(args.device)
         wall[mode] = 1e3 * (time.perf_counter() - t0) / n
         per: dict[str, float] = {}
         for evt in prof.key_averages():
@@ -158,10 +158,10 @@ def main() -> None:
     times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.steps):
         for m in modes:
-            _sync(args.device)
+            sync(args.device)
             t0 = time.perf_counter()
             steps[m][0]()
-            _sync(args.device)
+            sync(args.device)
             times[m].append(time.perf_counter() - t0)
     results = {m: (statistics.fmean(times[m]), peak_memory(*steps[m], args.device)) for m in modes}
     base_t, base_m = results["plain"]

@@ -1,7 +1,7 @@
 """The library's one torch.compile policy.
 
-Pure elementwise hot paths (the calibration chain, regulariser updates) are compiled lazily,
-once per function, the first time they run eagerly. Rules:
+Pure elementwise hot paths (the calibration chain and its hand-written backward) are
+compiled lazily, once per function, the first time they run eagerly. Rules:
 
 * ``torch_recal.set_compile(False)`` or the environment variable ``TORCH_RECAL_COMPILE=0``
   switches every inner compile off (eager PyTorch ops are used instead).
@@ -109,16 +109,8 @@ class _LazyCompiled:
             return self.fn(*args, **kwargs)
 
 
-def lazy_compile(fn: F | None = None, **options: Any) -> Any:
-    """Decorator: compile ``fn`` lazily under the library's policy (internal).
-
-    ``options`` are passed to :func:`torch.compile` (default ``fullgraph=True``).
-    """
-
-    def wrap(f: F) -> F:
-        opts = {"fullgraph": True, **options}
-        lazy = _LazyCompiled(f, opts)
-        _registry.append(lazy)
-        return cast(F, lazy)
-
-    return wrap(fn) if fn is not None else wrap
+def lazy_compile(fn: F) -> F:
+    """Compile ``fn`` lazily (``fullgraph=True``) under the library's policy (internal)."""
+    lazy = _LazyCompiled(fn, {"fullgraph": True})
+    _registry.append(lazy)
+    return cast(F, lazy)

@@ -76,13 +76,21 @@ def _broadcastable(stat: Tensor, ndim: int, cdim: int) -> Tensor:
     return stat.reshape(shape)
 
 
-def _calibrated(u: Tensor, mu: Tensor, sigma: Tensor, eps: float, pdf: bool) -> Tensor:
-    """``u + w * u = u * (1 + w)`` in the compute dtype; ``mu``/``sigma`` broadcastable."""
+def _standardised(
+    u: Tensor, mu: Tensor, sigma: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(uc, sigma + eps, s, t)`` in the compute dtype: ``t = z / sqrt 2 = (uc - mu) s`` with
+    ``s = 1 / ((sigma + eps) sqrt 2)`` folded per (sample, channel) before broadcasting."""
     cdt = torch.promote_types(u.dtype, torch.float32)
     uc = u.to(cdt)
-    # t = z / sqrt(2), with the per-(sample, channel) scale folded before broadcasting.
-    scale = (sigma.to(cdt) + eps).reciprocal() * _SQRT_HALF
-    t = (uc - mu.to(cdt)) * scale
+    sigma_eps = sigma.to(cdt) + eps
+    scale = sigma_eps.reciprocal() * _SQRT_HALF
+    return uc, sigma_eps, scale, (uc - mu.to(cdt)) * scale
+
+
+def _calibrated(u: Tensor, mu: Tensor, sigma: Tensor, eps: float, pdf: bool) -> Tensor:
+    """``u + w * u = u * (1 + w)`` in the compute dtype; ``mu``/``sigma`` broadcastable."""
+    uc, _, _, t = _standardised(u, mu, sigma, eps)
     if pdf:
         return uc * (1.0 + torch.exp(-(t * t)))  # w = exp(-z^2 / 2)
     # w = Phi(-|z|) = erfc(|t|) / 2, written as 1/2 - erf(|t|)/2: inductor vectorises erf on
@@ -118,14 +126,10 @@ def _backward(
     ``df/dsigma = -sum(q t) / (sigma + eps)``, summed over the broadcast dims. The ReLU mask
     comes from the saved output, so no boolean mask is stored.
     """
-    cdt = torch.promote_types(u.dtype, torch.float32)
-    g = grad.to(cdt)
+    uc, sigma_eps, scale, t = _standardised(u, mu, sigma, eps)
+    g = grad.to(uc.dtype)
     if out is not None:
         g = torch.where(out > 0, g, 0.0)
-    uc = u.to(cdt)
-    sigma_eps = sigma.to(cdt) + eps
-    scale = sigma_eps.reciprocal() * _SQRT_HALF
-    t = (uc - mu.to(cdt)) * scale
     gauss = torch.exp(-(t * t))
     if pdf:
         w, dw = gauss, -2.0 * t * gauss
@@ -173,8 +177,8 @@ class _CalibrationFunction(torch.autograd.Function):
         # create_graph=True (double backward) needs differentiable eager ops, not a compiled fn
         kernel = _backward if torch.is_grad_enabled() else _backward_kernel
         grad_u, grad_s, grad_mu, grad_sigma = kernel(grad, u, mu, sigma, out, ctx.eps, ctx.pdf)
-        grad_s = None if ctx.shortcut_dtype is None else grad_s.to(ctx.shortcut_dtype)
-        return grad_u, grad_s, grad_mu, grad_sigma, None, None, None
+        shortcut_grad = None if ctx.shortcut_dtype is None else grad_s.to(ctx.shortcut_dtype)
+        return grad_u, shortcut_grad, grad_mu, grad_sigma, None, None, None
 
 
 def _apply(
