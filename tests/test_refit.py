@@ -341,7 +341,11 @@ def test_normal_equations_resume_merge_and_no_intercept():
     bad[3, 2] = float("inf")
     with pytest.raises(ValueError, match="inf or nan"):
         acc.update(bad, t[:10])
-    assert acc.count == 500  # the bad batch was not accumulated
+    bad_t = t[:10].clone()
+    bad_t[2, 1] = float("nan")  # without intercept there is no target mean to catch it
+    with pytest.raises(ValueError, match="inf or nan"):
+        acc.update(h[:10], bad_t)
+    assert acc.count == 500  # neither bad batch was accumulated
     assert _rel(acc.solve(3.0).weight, sk.coef_) < 1e-6
     acc.reset()
     assert acc.count == 0

@@ -191,15 +191,17 @@ class NormalEquations:
         f64 = torch.float64
         blocks = _lower_gram_blocks(h)
         diag = [blk[:, r0:].diagonal() for r0, blk in blocks]
-        stats = torch.cat([m_h.to(f64), m_t.to(f64), *diag])
+        s_tt = (t * t).sum(0)
+        stats = torch.cat([m_h.to(f64), m_t.to(f64), s_tt.to(f64), *diag])
         if not bool(torch.isfinite(stats).all()):
-            # a non-finite entry makes its column mean non-finite; an entry too large for the
-            # compute dtype makes the Gram diagonal overflow: one O(d) check catches both
+            # a non-finite entry makes its column mean (or, without intercept, its column's sum
+            # of squares) non-finite; an entry too large for the compute dtype overflows the
+            # Gram diagonal or sum of squares: one O(d + k) check catches all of them
             raise ValueError(
                 "NormalEquations.update: `h` or `t` contains inf or nan (or values whose "
                 f"squares overflow {cdt}); nothing was accumulated from this batch"
             )
-        self._merge(float(n_b), m_h.to(f64), m_t.to(f64), blocks, (t.T @ h).T, (t * t).sum(0))
+        self._merge(float(n_b), m_h.to(f64), m_t.to(f64), blocks, (t.T @ h).T, s_tt)
 
     def _merge(
         self,
