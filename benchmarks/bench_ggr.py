@@ -2,16 +2,22 @@
 
 Prints the mean step time (forward, backward, SGD step; over whole ``every`` cycles, with the
 modes interleaved) of plain cross-entropy and of CE + GGR at ``every=1`` and ``every=4`` (the
-reference decoder's gradient included), their ratio to the plain step, and the ratio of peak
+reference decoder's gradient included), the same with ``fused_batchnorm=False`` (PyTorch's own
+batch-norm double backward, i.e. the library before its fused kernel), their ratio to the
+plain step, and the ratio of peak
 memory: on CUDA ``max_memory_allocated``; on
 CPU the peak bytes of tensors saved for backward (the autograd graph, which is what double
 backprop enlarges), measured with ``torch.autograd.graph.saved_tensors_hooks``.
 
 Targets (issue #7): <= 2.5x at every=1, <= 1.4x at every=4.
 
-``--profile`` also attributes the time of a plain and an every=1 step to the autograd nodes
-(backward functions) and forward ops that run them, with ``torch.profiler``: it shows which
-PyTorch double-backward formulas the extra time goes to.
+The warm-up steps include the one-off ``torch.compile`` of the fused batch-norm kernel (about
+half a minute on CPU, once per process; ``TORCH_RECAL_COMPILE=0`` runs it eagerly instead).
+
+``--profile`` also attributes the time of a plain step and of every=1 steps (fused and
+PyTorch's batch-norm double backward) to the autograd nodes (backward functions) and forward
+ops that run them, with ``torch.profiler``: it shows which double-backward formulas the extra
+time goes to.
 
     python benchmarks/bench_ggr.py                    # ResNet-20, 1x28x28, batch 128, CPU
     python benchmarks/bench_ggr.py --profile          # + where the time of a GGR step goes
@@ -62,10 +68,16 @@ def make_step(mode: str, args: argparse.Namespace):
     x = torch.randn(args.batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     ggr = None
-    if mode != "plain":
-        every = int(mode.split("=")[1])
+    if mode != "plain":  # "every=K", or "every=K pytorch-bn": PyTorch's BN double backward
+        every = int(mode.split()[0].split("=")[1])
         decoder = ReferenceDecoder.for_layer(model.conv1)
-        ggr = GenerativeGradientLoss(model.conv1.weight, decoder, weight=1.0, every=every)
+        ggr = GenerativeGradientLoss(
+            model.conv1.weight,
+            decoder,
+            weight=1.0,
+            every=every,
+            fused_batchnorm=not mode.endswith("pytorch-bn"),
+        )
 
     def step() -> None:
         loss = F.cross_entropy(model(x), y)
@@ -108,7 +120,8 @@ def profile_steps(args: argparse.Namespace, n: int = 3) -> None:
     rest = "everything else (forward, reference, optimizer)"
     totals: dict[str, dict[str, float]] = {}
     wall: dict[str, float] = {}
-    for mode in ("plain", "every=1"):
+    modes = ("plain", "every=1", "every=1 pytorch-bn")
+    for mode in modes:
         step, _ = make_step(mode, args)
         for _ in range(args.warmup):
             step()
@@ -127,12 +140,21 @@ def profile_steps(args: argparse.Namespace, n: int = 3) -> None:
         totals[mode] = per
     names = sorted(totals["every=1"], key=lambda k: -totals["every=1"][k])[:10]
     print(f"\nwhere the time goes (ms per step under the profiler, mean of {n} steps)")
-    print("| autograd node | CE | CE + GGR (every=1) | share of the GGR step |")
-    print("|---|---|---|---|")
+    print(
+        "| autograd node | CE | CE + GGR (every=1) | share of the GGR step "
+        "| CE + GGR, PyTorch's BN double backward |"
+    )
+    print("|---|---|---|---|---|")
+    names += [n for n in totals[modes[2]] if n not in names and totals[modes[2]][n] > 10.0]
     for name in names:
-        plain, ggr = totals["plain"].get(name, 0.0), totals["every=1"][name]
-        print(f"| {name} | {plain:.1f} | {ggr:.1f} | {100 * ggr / wall['every=1']:.0f} % |")
-    print(f"| whole step | {wall['plain']:.1f} | {wall['every=1']:.1f} | 100 % |")
+        plain, ggr = (totals[m].get(name, 0.0) for m in modes[:2])
+        unfused = totals[modes[2]].get(name, 0.0)
+        share = 100 * ggr / wall["every=1"]
+        print(f"| {name} | {plain:.1f} | {ggr:.1f} | {share:.0f} % | {unfused:.1f} |")
+    print(
+        f"| whole step | {wall['plain']:.1f} | {wall['every=1']:.1f} | 100 % "
+        f"| {wall[modes[2]]:.1f} |"
+    )
 
 
 def main() -> None:
@@ -149,7 +171,7 @@ def main() -> None:
         f"ResNet-20 (in_chans=1), batch {args.batch} x 1x28x28, device {args.device}, "
         f"threads {torch.get_num_threads()}, torch {torch.__version__}, mean of {args.steps} steps"
     )
-    modes = ["plain", "every=1", "every=4"]
+    modes = ["plain", "every=1", "every=4", "every=1 pytorch-bn", "every=4 pytorch-bn"]
     steps = {m: make_step(m, args) for m in modes}
     for step, _ in steps.values():
         for _ in range(args.warmup):
@@ -170,7 +192,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for m in modes:
         t, mb = results[m]
-        name = "CE" if m == "plain" else f"CE + GGR ({m})"
+        name = "CE" if m == "plain" else f"CE + GGR ({m.replace(' pytorch-bn', '')})"
+        if m.endswith("pytorch-bn"):
+            name += ", PyTorch's BN double backward"
         print(
             f"| {name} | {1e3 * t:.1f} | {t / base_t:.2f}x | {mb / 2**20:.1f} | "
             f"{mb / base_m:.2f}x |"

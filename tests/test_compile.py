@@ -126,3 +126,23 @@ def test_inductor_kernels_match_eager_forward_and_backward(compile_on):
         torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
         for a, b in zip(g_c, g_e, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_inductor_batch_norm_double_backward_matches_eager(compile_on):
+    from torch_recal.functional import (
+        _batch_norm_double_backward,
+        _batch_norm_double_backward_kernel,
+    )
+
+    for shape in [(8, 4, 6, 6), (16, 6)]:  # two shapes: the second is dynamic
+        a, g, x = (torch.randn(shape) for _ in range(3))
+        x = 2 * x + 3
+        c = shape[1]
+        mean, invstd, weight = torch.randn(c) + 3, torch.rand(c) + 0.3, torch.randn(c)
+        compiled = _batch_norm_double_backward_kernel(a, g, x, mean, invstd, weight)
+        eager = _batch_norm_double_backward(a, g, x, mean, invstd, weight)
+        for got, want in zip(compiled, eager, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not _batch_norm_double_backward_kernel.failed

@@ -87,6 +87,113 @@ def test_term_gradient_passes_gradcheck(kind: str) -> None:
     assert torch.autograd.gradcheck(fn, (w1, w2), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
+# ------------------------------------------------------------------------------------------
+# The fused batch-norm double backward (fused_batchnorm=True, the default)
+
+
+def _bn_net(dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    """Train-mode BatchNorm2d (affine and not), BatchNorm1d, and one BatchNorm2d in eval mode."""
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4, affine=False), nn.Tanh(),
+        nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3),
+    ).to(dtype)  # fmt: skip
+    net[7].eval()  # keeps PyTorch's formula (running statistics, not the batch's)
+    with torch.no_grad():
+        net[7].running_mean.uniform_(-1, 1)
+        net[7].running_var.uniform_(0.5, 2)
+    return net
+
+
+def _bn_grads(net: nn.Module, fused: bool, dtype: torch.dtype) -> tuple[float, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(4)
+    x = (3 * torch.randn(6, 2, 6, 6, generator=g) + 5).to(dtype)  # far from zero mean
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    ref = torch.randn(net[0].weight.shape, generator=g).to(dtype)
+    ggr = GenerativeGradientLoss(net[0].weight, ref, weight=3.0, fused_batchnorm=fused)
+    net.zero_grad()
+    loss = F.cross_entropy(net(x), y)
+    term = ggr(loss, x)
+    (loss + term).backward()
+    return term.item(), [p.grad.clone() for p in net.parameters()]
+
+
+def test_fused_batchnorm_double_backward_equals_pytorchs_formula() -> None:
+    """Reference: PyTorch's own batchnorm_double_backward (fused_batchnorm=False), float64."""
+    net = _bn_net()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    term_ref, grads_ref = _bn_grads(net, fused=False, dtype=torch.float64)
+    net.load_state_dict(state)
+    term, grads = _bn_grads(net, fused=True, dtype=torch.float64)
+    assert term == pytest.approx(term_ref, rel=1e-13)
+    for (name, _), got, want in zip(net.named_parameters(), grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    assert max(float(g.abs().max()) for g in grads) > 1e-3  # the term reaches the network
+
+
+def test_fused_batchnorm_float32_close_to_pytorchs_formula() -> None:
+    net = _bn_net(torch.float32)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    _, grads_ref = _bn_grads(net, fused=False, dtype=torch.float32)
+    net.load_state_dict(state)
+    _, grads = _bn_grads(net, fused=True, dtype=torch.float32)
+    scale = max(float(g.abs().max()) for g in grads_ref)  # conv biases before BN: grad ~ 0
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_fused_batchnorm_term_gradient_passes_gradcheck() -> None:
+    """Finite differences (independent of any double-backward formula) through batch norm."""
+    g = torch.Generator().manual_seed(5)
+    w1 = torch.randn(3, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = (1 + 0.3 * torch.randn(3, generator=g, dtype=torch.float64)).requires_grad_()
+    w2 = (0.5 * torch.randn(3, 12, generator=g, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(5, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    ggr = GenerativeGradientLoss(w1, torch.randn(w1.shape, generator=g, dtype=torch.float64))
+
+    def fn(a: torch.Tensor, gm: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        h = F.batch_norm(F.conv2d(x, a), None, None, gm, None, training=True)
+        h = F.avg_pool2d(torch.tanh(h), 2).flatten(1)
+        return ggr(F.cross_entropy(F.linear(h, b), y), x)
+
+    assert torch.autograd.gradcheck(fn, (w1, gamma, w2), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def _node_names(t: torch.Tensor) -> set[str]:
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(nxt for nxt, _ in node.next_functions)
+    return {node.name() for node in seen}
+
+
+def test_fused_batchnorm_hooks_only_train_mode_nodes_and_are_removed_also_on_error() -> None:
+    from torch_recal._batchnorm import fused_batchnorm_double_backward
+
+    net = _bn_net()
+    x, y = torch.randn(6, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = F.cross_entropy(net(x), y)
+    w = net[0].weight
+    with fused_batchnorm_double_backward(loss) as hooked:
+        (g,) = torch.autograd.grad(loss, w, create_graph=True)
+    assert hooked == 3  # three train-mode batch norms; the eval-mode one is left alone
+    assert "_BatchNormInputGradBackward" in _node_names(g)
+    assert "NativeBatchNormBackwardBackward0" in _node_names(g)  # the eval-mode one
+    with pytest.raises(RuntimeError, match="boom"), fused_batchnorm_double_backward(loss):
+        raise RuntimeError("boom")
+    (g,) = torch.autograd.grad(loss, w, create_graph=True)  # hooks gone: PyTorch's formula
+    assert "_BatchNormInputGradBackward" not in _node_names(g)
+    # a plain backward through hooked nodes (no create_graph) is untouched
+    with fused_batchnorm_double_backward(loss):
+        (g,) = torch.autograd.grad(loss, w, retain_graph=True)
+    assert g.grad_fn is None
+
+
 def test_cosine_is_zero_when_parallel_two_when_opposite_and_scale_invariant() -> None:
     w1, w2, x, y = _tiny(2)
     with torch.no_grad():
@@ -243,6 +350,8 @@ def test_bad_constructor_arguments_raise_clear_errors() -> None:
         GenerativeGradientLoss(w1, 3.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="weight shape"):
         GenerativeGradientLoss(w1, ReferenceDecoder(1, 3, 3))
+    with pytest.raises(TypeError, match="fused_batchnorm"):
+        GenerativeGradientLoss(w1, ref, fused_batchnorm=1)  # type: ignore[arg-type]
     ggr = GenerativeGradientLoss(w1, ref)
     with pytest.raises(ValueError, match="weight"):
         ggr.weight = -1.0
