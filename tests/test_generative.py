@@ -319,8 +319,13 @@ def test_load_state_dict_rejects_bad_state_and_changes_nothing() -> None:
         ggr.load_state_dict({"step": 5, "reference_ema": torch.zeros(3)})
     with pytest.raises(ValueError, match="step"):
         ggr.load_state_dict({"step": -1})
+    for key, bad in [("ema", "0.9"), ("ema", 1.0), ("every", 0), ("weight", -1.0),
+                     ("discrepancy", "kl")]:  # fmt: skip
+        with pytest.raises(ValueError, match=key):
+            ggr.load_state_dict({"step": 5, key: bad})
     assert ggr.step == 0
     assert ggr.reference_ema is None
+    assert (ggr.every, ggr.ema, ggr.weight, ggr.discrepancy) == (2, None, 0.1, "cosine")
 
 
 # ------------------------------------------------------------------------------------------

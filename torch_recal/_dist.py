@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
+    "all_reduce_mean_",
     "all_reduce_over_shards_",
     "all_reduce_sum_",
     "broadcast_",
@@ -108,6 +109,16 @@ def all_reduce_sum_(*tensors: torch.Tensor) -> None:
         for t in group:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def all_reduce_mean_(*tensors: torch.Tensor) -> None:
+    """Average tensors in place over all ranks (:func:`all_reduce_sum_`, then divide)."""
+    if not is_distributed():
+        return
+    all_reduce_sum_(*tensors)
+    world = get_world_size()
+    for t in tensors:
+        t.div_(world)
 
 
 def broadcast_(*tensors: torch.Tensor, src: int = 0) -> None:

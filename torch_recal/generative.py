@@ -322,7 +322,6 @@ class ReferenceDecoder(nn.Module):
                 raise ValueError(f"ReferenceDecoder.fit: `lr` must be a positive float, got {lr!r}")
             optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         params = [p for p in self.parameters() if p.requires_grad]
-        world = _dist.get_world_size()
         with torch.no_grad():
             _dist.broadcast_(*params)
         n_batches = _len_or_none(loader)
@@ -345,11 +344,7 @@ class ReferenceDecoder(nn.Module):
                     loss = self.reconstruction_loss(x)
                     optimizer.zero_grad(set_to_none=False)
                     loss.backward()
-                    if world > 1:
-                        grads = [p.grad for p in params if p.grad is not None]
-                        _dist.all_reduce_sum_(*grads)
-                        for g in grads:
-                            g.div_(world)
+                    _dist.all_reduce_mean_(*(p.grad for p in params if p.grad is not None))
                     optimizer.step()
                     value = float(loss.detach())
                     total += value
@@ -517,16 +512,7 @@ class GenerativeGradientLoss:
                 f"{who}: `reference` must be a ReferenceDecoder, a callable x -> tensor or a "
                 f"tensor, got {type(reference).__name__}"
             )
-        if discrepancy not in _DISCREPANCIES:
-            raise ValueError(
-                f"{who}: `discrepancy` must be one of {_DISCREPANCIES}, got {discrepancy!r}"
-            )
-        _check_weight(weight)
-        if ema is not None and (
-            isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1
-        ):
-            raise ValueError(f"{who}: `ema` must be None or a float in [0, 1), got {ema!r}")
-        _check_positive_int(who, "every", every)
+        _check_options(who, discrepancy, weight, ema, every)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"{who}: `eps` must be a positive float, got {eps!r}")
         for name, flag in (("sync", sync), ("fused_batchnorm", fused_batchnorm)):
@@ -633,8 +619,7 @@ class GenerativeGradientLoss:
                 )
             if self.sync and _dist.is_distributed():
                 ref = ref.detach().clone()
-                _dist.all_reduce_sum_(ref)
-                ref.div_(_dist.get_world_size())
+                _dist.all_reduce_mean_(ref)
         return ref.detach().to(device=self.target.device, dtype=self.target.dtype)
 
     def state_dict(self) -> dict[str, Any]:
@@ -665,15 +650,10 @@ class GenerativeGradientLoss:
                 f"{tuple(self.target.shape)}"
             )
         every = state.get("every", self.every)
-        _check_positive_int(who, "every", every)
         weight = state.get("weight", self._weight)
-        _check_weight(weight)
         ema = state.get("ema", self.ema)
-        if ema is not None and not 0 <= ema < 1:
-            raise ValueError(f"{who}: `ema` must be None or in [0, 1), got {ema!r}")
         discrepancy = state.get("discrepancy", self.discrepancy)
-        if discrepancy not in _DISCREPANCIES:
-            raise ValueError(f"{who}: `discrepancy` must be one of {_DISCREPANCIES}")
+        _check_options(who, discrepancy, weight, ema, every)
         self.step = step
         self.reference_ema = (
             None
@@ -723,9 +703,24 @@ def _mean_over_ranks_straight_through(g: Tensor) -> Tensor:
     gradients over ranks: ``mean_r dD/dG . dg_r/dtheta`` is the global-batch gradient.
     """
     mean = g.detach().clone()
-    _dist.all_reduce_sum_(mean)
-    mean.div_(_dist.get_world_size())
+    _dist.all_reduce_mean_(mean)
     return g + (mean - g.detach())
+
+
+def _check_options(
+    who: str, discrepancy: object, weight: object, ema: object, every: object
+) -> None:
+    """The options shared by the constructor and ``load_state_dict`` (ValueError if bad)."""
+    if discrepancy not in _DISCREPANCIES:
+        raise ValueError(
+            f"{who}: `discrepancy` must be one of {_DISCREPANCIES}, got {discrepancy!r}"
+        )
+    _check_weight(weight)
+    if ema is not None and (
+        isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1
+    ):
+        raise ValueError(f"{who}: `ema` must be None or a float in [0, 1), got {ema!r}")
+    _check_positive_int(who, "every", every)
 
 
 def _check_positive_int(who: str, name: str, value: object) -> None:
