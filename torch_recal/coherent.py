@@ -63,6 +63,11 @@ def _check_one_mesh(names: list[str], params: list[nn.Parameter]) -> None:
             )
 
 
+def _is_weight(name: str, p: Tensor) -> bool:
+    """The ``weights_only`` rule: at least 2 dims and a name that does not end in ``bias``."""
+    return p.ndim >= 2 and name.rsplit(".", 1)[-1] != "bias"
+
+
 def _select_params(
     params: Iterable[Any], weights_only: bool
 ) -> tuple[list[str], list[nn.Parameter]]:
@@ -87,7 +92,7 @@ def _select_params(
             )
         if id(p) in seen:
             continue
-        if weights_only and (p.ndim < 2 or name.rsplit(".", 1)[-1] == "bias"):
+        if weights_only and not _is_weight(name, p):
             continue
         if not p.is_floating_point():
             raise TypeError(f"CoherentStrongReg: parameter `{name}` must be floating point")
@@ -560,7 +565,7 @@ def compression_report(
         pairs = model
     layers = []
     for name, p in pairs:
-        if weights_only and (p.ndim < 2 or name.rsplit(".", 1)[-1] == "bias"):
+        if weights_only and not _is_weight(name, p):
             continue
         local = _dist.local_tensor(p.detach())  # FSDP2 / DTensor: count this rank's slice
         nonzero_t = torch.count_nonzero(local.abs() > threshold).reshape(1)

@@ -276,20 +276,20 @@ class NormalEquations:
         n_local = torch.tensor(self._n, dtype=torch.float64, device=self.device)
         sums = torch.cat([n_local.reshape(1), self.mean_h * n_local, self.mean_t * n_local])
         _dist.all_reduce_sum_(sums)
-        n = sums[0]
-        if n.item() == 0:
+        n = float(sums[0].item())  # the one host sync
+        if n == 0:
             return self
         if self.fit_intercept:
-            d = self.num_features
+            d, n_a = self.num_features, self._n
             mean_h, mean_t = sums[1 : 1 + d] / n, sums[1 + d :] / n
             d_h, d_t = self.mean_h - mean_h, self.mean_t - mean_t
-            self.s_hh.add_(torch.outer(d_h, d_h), alpha=float(n_local))
-            self.s_ht += n_local * torch.outer(d_h, d_t)
-            self.s_tt += n_local * d_t * d_t
+            self.s_hh.addr_(d_h, d_h, alpha=n_a)
+            self.s_ht.addr_(d_h, d_t, alpha=n_a)
+            self.s_tt += n_a * d_t * d_t
             self.mean_h.copy_(mean_h)
             self.mean_t.copy_(mean_t)
         _dist.all_reduce_sum_(self.s_hh, self.s_ht, self.s_tt)
-        self._n = float(n.item())
+        self._n = n
         return self
 
     # -- solving --------------------------------------------------------------------------
@@ -603,32 +603,29 @@ def _make_targets(
             f"{tuple(y.shape)} {y.dtype}"
         )
     y = y.to(device)
-    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(
-            f"pinv_refit_dense: labels must lie in [0, {num_classes}), got range "
-            f"[{int(y.min())}, {int(y.max())}]"
-        )
+    if n:
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(y)).tolist())  # one host sync
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"pinv_refit_dense: labels must lie in [0, {num_classes}), got range [{lo}, {hi}]"
+            )
     t = torch.nn.functional.one_hot(y.long(), num_classes).to(torch.float64)
     return 2 * t - 1 if targets == "bipolar" else t
 
 
-def _pull_back(
-    target: Tensor, params: _Dense, act_before: nn.Module | None, ridge: float
-) -> Tensor:
-    """Desired input of a dense layer given a desired output: ridge pseudo-inverse, then g^-1."""
-    w = params[0].to(target.device, torch.float64)  # (k, d)
-    t = target
-    if params[1] is not None:
-        t = t - params[1].to(target.device, torch.float64)
+def _pull_back_map(params: _Dense, ridge: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(M, b)`` of a dense layer's ridge pseudo-inverse: the desired input for a desired
+    output ``t`` is ``(t - b) M`` (then the inverse activation), built once per pass."""
+    w = params[0].to(device, torch.float64)  # (k, d)
     k, d = w.shape
-    eye = torch.eye
-    if d <= k:  # (W^T W + rI)^-1 W^T t  per row:  t W (W^T W + r I)^-1
-        a = w.T @ w + (ridge + 1e-12) * eye(d, dtype=w.dtype, device=w.device)
-        p = torch.linalg.solve(a, (t @ w).T).T
-    else:  # dual form: W^T (W W^T + r I)^-1
-        a = w @ w.T + (ridge + 1e-12) * eye(k, dtype=w.dtype, device=w.device)
-        p = torch.linalg.solve(a, t.T).T @ w
-    return _inverse_activation(act_before)(p)
+    b = torch.zeros(k, dtype=w.dtype, device=device) if params[1] is None else params[1]
+    if d <= k:  # t W (W^T W + r I)^-1, so M = W (W^T W + r I)^-1 = ((W^T W + r I)^-1 W^T)^T
+        a = w.T @ w + (ridge + 1e-12) * torch.eye(d, dtype=w.dtype, device=device)
+        m = torch.linalg.solve(a, w.T).T
+    else:  # dual form: t (W W^T + r I)^-1 W
+        a = w @ w.T + (ridge + 1e-12) * torch.eye(k, dtype=w.dtype, device=device)
+        m = torch.linalg.solve(a, w)
+    return m, b.to(device, torch.float64)
 
 
 def pinv_refit_dense(
@@ -854,9 +851,10 @@ def _refit_one(run: _Pass, idx: int, step_size: float, start: str, assign: bool)
     d, k = lin.in_features, lin.out_features
     acc = NormalEquations(d, k, fit_intercept=lin.bias is not None, device=run.dev)
     params = _dense_params(run.linears)
+    pull_backs = [_pull_back_map(p, run.ridge, run.dev) for p in params[idx + 1 :]]
     run.each_batch(
         "refit" if len(run.linears) == 1 else f"refit layer {idx}",
-        lambda h, y: _accumulate(run, acc, params, idx, h, y),
+        lambda h, y: _accumulate(run, acc, params, pull_backs, idx, h, y),
     )
     acc.all_reduce()
     if acc.count == 0:
@@ -889,10 +887,17 @@ def _refit_one(run: _Pass, idx: int, step_size: float, start: str, assign: bool)
 
 
 def _accumulate(
-    run: _Pass, acc: NormalEquations, params: list[_Dense], idx: int, h: Tensor, y: Tensor
+    run: _Pass,
+    acc: NormalEquations,
+    params: list[_Dense],
+    pull_backs: list[tuple[Tensor, Tensor]],
+    idx: int,
+    h: Tensor,
+    y: Tensor,
 ) -> None:
     """Check one batch and add it to ``acc`` (the input of dense layer ``idx`` and its
-    target); ``params`` are the stack's whole weights (:func:`_dense_params`)."""
+    target); ``params`` are the stack's whole weights (:func:`_dense_params`),
+    ``pull_backs`` the :func:`_pull_back_map` of the layers after ``idx``."""
     linears = run.linears
     n = h.shape[0]
     if h.ndim != 2 or h.shape[1] != linears[0].in_features:
@@ -905,10 +910,10 @@ def _accumulate(
     h = h.to(run.dev)
     t = _make_targets(y, run.targets, run.num_classes, linears[-1].out_features, n, run.dev)
     t = run.inv_act(t.to(torch.float64))
-    if idx < len(linears) - 1:
-        # pull the final target back to the output of linears[idx]
-        for j in range(len(linears) - 1, idx, -1):
-            t = _pull_back(t, params[j], run.acts[j - 1], run.ridge)
+    # pull the final target back to the output of linears[idx], last layer first
+    for j in range(len(linears) - 1, idx, -1):
+        m, b = pull_backs[j - idx - 1]
+        t = _inverse_activation(run.acts[j - 1])((t - b) @ m)
     x = _forward_stack(params, run.acts, h, idx)
     if not torch.isfinite(t).all():
         raise ValueError("pinv_refit_dense: targets are not finite after inverse_activation")
@@ -916,7 +921,7 @@ def _accumulate(
 
 
 def _accuracy(run: _Pass, final: RefitResult) -> float:
-    params = _dense_params(run.linears)
+    params = _dense_params(run.linears[:-1])  # the last layer's solution is `final`
     correct = torch.zeros((), dtype=torch.float64, device=run.dev)
     total = torch.zeros((), dtype=torch.float64, device=run.dev)
 
