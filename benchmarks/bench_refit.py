@@ -14,7 +14,12 @@ Side by side in one run, on the same float32 features:
 
 ``--blocks`` instead times the pieces behind two choices in ``NormalEquations.update``, over
 1024-row float32 batches: the lower block triangle of ``h^T h`` for several block sizes vs
-the full per-batch GEMM, and ``t^T h`` vs ``h^T t`` for the (k = 10)-column targets.
+the full per-batch GEMM and vs numpy's ``syrk`` batch by batch, and ``t^T h`` vs ``h^T t``
+for the (k = 10)-column targets.
+
+The thread count is one unless ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` and
+``MKL_NUM_THREADS`` are set (set all three, e.g. to 2, to time the default setting of a
+2-core machine).
 
 Usage::
 
@@ -174,6 +179,8 @@ def _block_row(n: int, d: int, repeats: int) -> list[str]:
         cells.append(f"{t:.3f}{'*' if step == _gram_block(d) else ''}")
     cells.append(f"{best_of(lambda: [t.T @ b for b, t in pairs], repeats):.3f}")
     cells.append(f"{best_of(lambda: [b.T @ t for b, t in pairs], repeats):.3f}")
+    hn = [b.numpy() for b in hs]  # numpy's syrk, batch by batch (what a stream could use)
+    cells.append(f"{best_of(lambda: [b.T @ b for b in hn], repeats):.3f}")
     return cells
 
 
@@ -183,8 +190,8 @@ def bench_blocks(repeats: int = 3) -> None:
     print(
         "| N x d | full GEMM per batch | " + " | ".join(f"block {b}" for b in _BLOCK_SIZES), end=""
     )
-    print(" | t^T h | h^T t |")
-    print("|---|---|" + "---|" * len(_BLOCK_SIZES) + "---|---|")
+    print(" | t^T h | h^T t | numpy syrk per batch |")
+    print("|---|---|" + "---|" * len(_BLOCK_SIZES) + "---|---|---|")
     for n, d in [(60000, 256), (60000, 512), (30000, 1024), (20000, 2048)]:
         print(f"| {n} x {d} | " + " | ".join(_block_row(n, d, repeats)) + " |")
 
