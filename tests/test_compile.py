@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -103,6 +104,35 @@ def test_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch, compil
     assert len(record) == 1
     torch.testing.assert_close(out1, expected)
     torch.testing.assert_close(out2, expected)
+
+
+def test_an_error_the_eager_function_raises_too_propagates_and_keeps_compiling_on(
+    monkeypatch, compile_on
+):
+    def oom(fn, options):
+        def run(*args, **kwargs):
+            raise RuntimeError("compiled: out of memory")
+
+        return run
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > 4:
+            raise RuntimeError("eager: out of memory")
+        return x + 1
+
+    monkeypatch.setattr(_compile, "_build", oom)
+    lazy = _compile.lazy_compile(eager)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning
+            with pytest.raises(RuntimeError, match="eager: out of memory"):
+                lazy(torch.zeros(8))
+        assert not lazy.failed  # compiling stays on
+        with pytest.warns(RuntimeWarning, match="compiled: out of memory"):
+            torch.testing.assert_close(lazy(torch.zeros(2)), torch.ones(2))
+        assert lazy.failed
+    finally:
+        _compile._registry.remove(lazy)
 
 
 @pytest.mark.compile

@@ -9,7 +9,9 @@ compiled lazily, once per function, the first time they run eagerly. Rules:
   the plain eager function runs, so that dynamo traces it into the user's graph: no nested
   compile, no graph break.
 * If compiling fails (no C++ compiler, unsupported backend, ...), the eager function is used
-  from then on and a single :class:`RuntimeWarning` says why.
+  from then on and a single :class:`RuntimeWarning` says why. An error that the eager
+  function raises as well (out of memory, bad input) is the caller's: it propagates (the
+  eager function's own exception) and compiling stays on.
 """
 
 from __future__ import annotations
@@ -97,7 +99,11 @@ class _LazyCompiled:
             self.compiled = _build(self.fn, self.options)
         try:
             return self.compiled(*args, **kwargs)
-        except Exception as err:  # compile failure: fall back once, loudly
+        except Exception as err:
+            # The eager function decides what failed: if it raises too (out of memory, bad
+            # input), that is the caller's error and compiling stays on; if it succeeds, the
+            # compile failed (no C++ compiler, unsupported backend): fall back once, loudly.
+            out = self.fn(*args, **kwargs)
             self.failed = True
             warnings.warn(
                 f"torch_recal: torch.compile of {self.fn.__qualname__} failed "
@@ -106,7 +112,7 @@ class _LazyCompiled:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return self.fn(*args, **kwargs)
+            return out
 
 
 def lazy_compile(fn: F) -> F:
