@@ -107,9 +107,7 @@ def first_layer_filter_stats(layer: nn.Module | Tensor) -> FilterStats:
 
 
 def _first_conv(model: nn.Module, who: str) -> nn.Conv2d:
-    if isinstance(model, nn.Conv2d):
-        return model
-    for module in model.modules():
+    for module in model.modules():  # the model itself first
         if isinstance(module, nn.Conv2d):
             return module
     raise ValueError(f"{who}: `{type(model).__name__}` contains no nn.Conv2d")
