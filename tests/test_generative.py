@@ -537,6 +537,39 @@ def test_ddp_term_reference_and_grads_equal_single_process_over_global_batch() -
     assert term.item() > 0.05  # a non-trivial term
 
 
+def _ddp_batchnorm_worker(rank: int, world: int, state, x, y, ref) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for fused in (False, True):
+        net = _bn_net()
+        net.load_state_dict(state)
+        ddp = DDP(net)
+        ggr = GenerativeGradientLoss(net[0].weight, ref, weight=3.0, fused_batchnorm=fused)
+        half = len(y) // world
+        xl, yl = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+        loss = F.cross_entropy(ddp(xl), yl)
+        (loss + ggr(loss, xl)).backward()
+        out[fused] = [p.grad.clone() for p in net.parameters()]
+    return out
+
+
+@pytest.mark.distributed
+def test_fused_batchnorm_under_ddp_equals_pytorchs_formula_on_every_rank() -> None:
+    net = _bn_net()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+    x = (3 * torch.randn(8, 2, 6, 6, generator=g) + 5).double()
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    ref = torch.randn(net[0].weight.shape, generator=g, dtype=torch.float64)
+    results = run_distributed(_ddp_batchnorm_worker, state, x, y, ref)
+    for r in results:
+        for got, want in zip(r[True], r[False], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(results[0][True], results[1][True], strict=True):  # DDP-averaged
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 # ------------------------------------------------------------------------------------------
 # torchvision / timm first layers
 
