@@ -385,10 +385,14 @@ class NormalEquations:
 
 
 def _gram_block(d: int) -> int:
-    """Rows per block of :func:`_lower_gram_blocks`: the best or within 2 % of the best of
-    64/128/256 for d = 256 ... 2048 on one CPU thread, 1024-row float32 batches
-    (``PYTHONPATH=. python benchmarks/bench_refit.py --blocks``)."""
-    return max(64, d // 8)
+    """Rows per block of :func:`_lower_gram_blocks`: the best or within 5 % of the best of
+    64/128/256 for d = 256 ... 2048, 1024-row float32 batches, on one CPU thread and on two
+    (``PYTHONPATH=. python benchmarks/bench_refit.py --blocks``, and with
+    ``OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2``): with several threads,
+    64-row blocks are too small to share beyond d = 256, and 128 rows did as well as 256."""
+    if torch.get_num_threads() == 1:
+        return max(64, d // 8)
+    return 64 if d <= 256 else 128
 
 
 def _lower_gram_blocks(h: Tensor) -> list[tuple[int, Tensor]]:
