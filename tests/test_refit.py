@@ -20,6 +20,7 @@ from torch import nn
 
 from tests.distributed import needs_fsdp2, run_distributed
 from torch_recal import NormalEquations, RandomLayerTraining, pinv_refit_dense
+from torch_recal.refit import _gram_block
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -378,6 +379,24 @@ def test_normal_equations_wide_features_use_the_symmetric_blocks_exactly(fit_int
         assert _rel(acc.s_ht, c_h.T @ c_t) < tol
         sk = Ridge(alpha=0.5, fit_intercept=fit_intercept, solver="svd").fit(ref_h, ref_t)
         assert _rel(acc.solve(0.5).weight, sk.coef_) < 50 * tol
+
+
+def test_normal_equations_multithreaded_block_rule_matches_numpy() -> None:
+    # with 2 threads, d = 300 uses 128-row blocks (128, 128 and a partial 44)
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(500, 300, generator=g, dtype=torch.float64) + 3.0
+    t = torch.randn(500, 2, generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _gram_block(300) == 128
+        acc = NormalEquations(300, 2)
+        for i in range(0, 500, 200):
+            acc.update(h[i : i + 200], t[i : i + 200])
+    finally:
+        torch.set_num_threads(threads)
+    c = h.numpy() - h.numpy().mean(0)
+    assert _rel(acc.s_hh, c.T @ c) < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
