@@ -408,9 +408,10 @@ def test_decoder_last_layer_mirrors_conv_and_reconstructs_input_shape(
     assert dec.gradient(x).shape == conv.weight.shape
 
 
-def test_decoder_gradient_matches_finite_differences_and_leaves_grads_alone() -> None:
+@pytest.mark.parametrize("loss", ["mse", "l1"])
+def test_decoder_gradient_matches_finite_differences_and_leaves_grads_alone(loss: str) -> None:
     conv = nn.Conv2d(1, 2, 3, padding=1)
-    dec = ReferenceDecoder.for_layer(conv, hidden=3, dtype=torch.float64)
+    dec = ReferenceDecoder.for_layer(conv, hidden=3, loss=loss, dtype=torch.float64)
     x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
     g = dec.gradient(x)
     assert all(p.grad is None for p in dec.parameters())
@@ -419,7 +420,7 @@ def test_decoder_gradient_matches_finite_differences_and_leaves_grads_alone() ->
     def rec_loss(w: torch.Tensor) -> torch.Tensor:
         h = dec.decoder(dec.encoder(x))
         out = F.conv_transpose2d(h, w, dec.out.bias, padding=1)
-        return ((out - x) ** 2).mean()
+        return ((out - x) ** 2).mean() if loss == "mse" else (out - x).abs().mean()
 
     with torch.no_grad():
         expected = _fd_grad(rec_loss, weight)

@@ -253,10 +253,11 @@ class ReferenceDecoder(nn.Module):
 
     def reconstruction_loss(self, x: Tensor) -> Tensor:
         """The mean reconstruction loss of the batch ``x``."""
-        rec = self(x)
-        if self.loss == "mse":
-            return nn.functional.mse_loss(rec, x)
-        return nn.functional.l1_loss(rec, x)
+        return self._loss(self(x), x)
+
+    def _loss(self, rec: Tensor, x: Tensor) -> Tensor:
+        loss_fn = nn.functional.mse_loss if self.loss == "mse" else nn.functional.l1_loss
+        return loss_fn(rec, x)
 
     def gradient(self, x: Tensor) -> Tensor:
         """The reference gradient ``d L_rec(x) / d out.weight`` for the batch ``x`` (detached).
@@ -269,11 +270,7 @@ class ReferenceDecoder(nn.Module):
             h = self.decoder(self.encoder(x))
         with torch.enable_grad():
             rec = self.out(h, output_size=list(x.shape[-2:]))
-            if self.loss == "mse":
-                loss = nn.functional.mse_loss(rec, x)
-            else:
-                loss = nn.functional.l1_loss(rec, x)
-            (grad,) = torch.autograd.grad(loss, self.out.weight)
+            (grad,) = torch.autograd.grad(self._loss(rec, x), self.out.weight)
         return grad.detach()
 
     def fit(
