@@ -336,7 +336,7 @@ class CoherentStrongReg:
         sharded = [i for i, p in enumerate(params) if _dist.is_dtensor(p)]
         if not sharded:
             return coherence_statistics(grads, local_params, self.kind)
-        plain = [i for i in range(len(params)) if i not in set(sharded)]
+        plain = [i for i, p in enumerate(params) if not _dist.is_dtensor(p)]
         stats = coherence_statistics(
             [grads[i] for i in sharded], [local_params[i] for i in sharded], self.kind
         )
