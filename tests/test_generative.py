@@ -173,7 +173,7 @@ def _node_names(t: torch.Tensor) -> set[str]:
 
 
 def test_fused_batchnorm_hooks_only_train_mode_nodes_and_are_removed_also_on_error() -> None:
-    from torch_recal._batchnorm import fused_batchnorm_double_backward
+    from torch_recal._double_backward import fused_batchnorm_double_backward
 
     net = _bn_net()
     x, y = torch.randn(6, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -192,6 +192,63 @@ def test_fused_batchnorm_hooks_only_train_mode_nodes_and_are_removed_also_on_err
     with fused_batchnorm_double_backward(loss):
         (g,) = torch.autograd.grad(loss, w, retain_graph=True)
     assert g.grad_fn is None
+
+
+class _OnceDifferentiableSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _TinyAttention(nn.Module):
+    """conv -> 16 tokens of width 4 -> scaled_dot_product_attention -> mean -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.conv(x).flatten(2).transpose(1, 2).contiguous().unsqueeze(1)  # (N, 1, 16, 4)
+        return self.fc(F.scaled_dot_product_attention(t, t, t).mean((1, 2)))
+
+
+def test_an_op_without_double_backward_raises_a_clear_error_before_any_state_changes() -> None:
+    w1, w2, x, y = _tiny()
+    ggr = GenerativeGradientLoss(w1, torch.randn(w1.shape, dtype=torch.float64), ema=0.5)
+
+    def ce(a: torch.Tensor) -> torch.Tensor:
+        h = _OnceDifferentiableSquare.apply(F.conv2d(x, a)).flatten(1)
+        return F.cross_entropy(F.linear(h, w2), y)
+
+    with pytest.raises(ValueError, match="cannot be differentiated twice.*once_differentiable"):
+        ggr(ce(w1), x)
+    assert (ggr.step, ggr.reference_ema, ggr.last_reference) == (0, None, None)
+
+
+def test_fused_attention_is_refused_with_the_fix_and_the_math_kernel_works() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = _TinyAttention()
+    x, y = torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 2])
+    ggr = GenerativeGradientLoss(model.conv.weight, torch.randn(4, 1, 3, 3))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # the fused CPU kernel
+        loss = F.cross_entropy(model(x), y)
+    with pytest.raises(ValueError, match=r"ScaledDotProductFlashAttention.*SDPBackend\.MATH"):
+        ggr(loss, x)
+    assert ggr.step == 0
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = F.cross_entropy(model(x), y)
+    (loss + ggr(loss, x)).backward()
+    assert ggr.step == 1
+    assert model.fc.weight.grad is not None and model.conv.weight.grad is not None
 
 
 def test_cosine_is_zero_when_parallel_two_when_opposite_and_scale_invariant() -> None:
@@ -600,6 +657,32 @@ def test_works_with_the_first_conv_of_torchvision_and_timm_resnets(library: str)
     assert fc.weight.grad is not None
     assert fc.weight.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.vision
+def test_timm_vit_fused_attention_is_refused_and_works_with_set_fused_attn_false() -> None:
+    import timm
+    from timm.layers import set_fused_attn, use_fused_attn
+
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    before = use_fused_attn()
+    try:
+        for fused in (True, False):
+            set_fused_attn(fused)
+            model = timm.create_model(
+                "vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, num_classes=2
+            )
+            w = model.patch_embed.proj.weight
+            ggr = GenerativeGradientLoss(w, torch.randn_like(w))
+            loss = F.cross_entropy(model(x), y)
+            if fused:
+                with pytest.raises(ValueError, match="set_fused_attn"):
+                    ggr(loss, x)
+            else:
+                (loss + ggr(loss, x)).backward()
+                assert w.grad is not None and torch.isfinite(w.grad).all()
+    finally:
+        set_fused_attn(before)
 
 
 # ------------------------------------------------------------------------------------------

@@ -372,7 +372,7 @@ def soft_threshold_(tensors: list[Tensor], threshold: float) -> None:
         torch._foreach_mul_(tensors, signs)
 
 
-# --- batch norm's double backward (GenerativeGradientLoss, via torch_recal._batchnorm) -------
+# --- batch norm's double backward (GenerativeGradientLoss, via torch_recal._double_backward)
 
 
 def _batch_norm_double_backward(

@@ -34,7 +34,10 @@ import torch
 from torch import Tensor, nn
 
 from torch_recal import _dist
-from torch_recal._batchnorm import fused_batchnorm_double_backward
+from torch_recal._double_backward import (
+    fused_batchnorm_double_backward,
+    raise_if_not_twice_differentiable,
+)
 
 __all__ = ["FilterStats", "GenerativeGradientLoss", "ReferenceDecoder", "first_layer_filter_stats"]
 
@@ -581,6 +584,7 @@ class GenerativeGradientLoss:
                 "that the loss's forward pass used (and the model's own parameter, not a copy; "
                 "under FSDP the forward uses gathered copies, which is not supported)"
             )
+        raise_if_not_twice_differentiable(g_cls, who)
         # Commit state only now: nothing above changed it.
         if self.ema is not None:
             if self.reference_ema is None:

@@ -1,22 +1,25 @@
-"""A fused double backward for train-mode batch norm during a ``create_graph=True`` pass.
+"""Double-backprop helpers for :class:`~torch_recal.GenerativeGradientLoss`.
 
-PyTorch differentiates batch norm's backward (``native_batch_norm_backward``) with a
-composite of about forty eager ops (``batchnorm_double_backward``). In a double-backprop
-step of a batch-norm network, such as a :class:`~torch_recal.GenerativeGradientLoss` step,
-that formula is the largest single cost on CPU (``python benchmarks/bench_ggr.py --profile``).
-
-:func:`fused_batchnorm_double_backward` is a context manager around the ``create_graph=True``
-gradient call. It puts a hook on every train-mode batch-norm node of the graph below
-``root``; when such a node runs with ``create_graph=True`` and produces only the input
-gradient, the hook keeps the value PyTorch computed and gives it an autograd node whose
-backward is :func:`torch_recal.functional._batch_norm_double_backward`: the same math in
-one reduction and one elementwise sweep, compiled under the library's policy
+**A fused double backward for train-mode batch norm.** PyTorch differentiates batch norm's
+backward (``native_batch_norm_backward``) with a composite of about forty eager ops
+(``batchnorm_double_backward``). In a double-backprop step of a batch-norm network, such as a
+GGR step, that formula is the largest single cost on CPU (``python benchmarks/bench_ggr.py
+--profile``). :func:`fused_batchnorm_double_backward` is a context manager around the
+``create_graph=True`` gradient call. It puts a hook on every train-mode batch-norm node of
+the graph below ``root``; when such a node runs with ``create_graph=True`` and produces only
+the input gradient, the hook keeps the value PyTorch computed and gives it an autograd node
+whose backward is :func:`torch_recal.functional._batch_norm_double_backward`: the same math
+in one reduction and one elementwise sweep, compiled under the library's policy
 (:mod:`torch_recal._compile`). The hooks are removed when the block exits, also on error.
 Nodes it does not handle (eval-mode batch norm, a pass that also asks for the batch norm's
 weight or bias gradients, cuDNN/MIOpen batch norm, ``SyncBatchNorm``) keep PyTorch's formula.
-
 Nothing about the user's model changes; the values are PyTorch's to round-off (tested in
 float64 against PyTorch's own formula and against finite differences).
+
+**An early, clear error** (:func:`raise_if_not_twice_differentiable`) when the gradient
+made with ``create_graph=True`` holds an op that PyTorch cannot differentiate again (fused
+scaled-dot-product attention kernels, ``once_differentiable`` Functions): without it the
+user's ``(loss + term).backward()`` fails later with PyTorch's terse message.
 """
 
 from __future__ import annotations
@@ -32,13 +35,26 @@ from torch.autograd.function import once_differentiable
 
 from torch_recal.functional import _batch_norm_double_backward_kernel
 
-__all__ = ["fused_batchnorm_double_backward"]
+__all__ = ["fused_batchnorm_double_backward", "raise_if_not_twice_differentiable"]
 
 # Autograd nodes of train-mode batch norm whose saved tensors are ``input``, ``weight``,
 # ``result1`` (the batch mean) and ``result2`` (the batch's 1/sqrt(var + eps)) and whose
 # first output is the input gradient. cuDNN's node saves the same names but is untested
 # here (no GPU was available), so it keeps PyTorch's formula.
 _NODE_NAMES = frozenset({"NativeBatchNormBackward0"})
+
+# Nodes that raise when backpropagated through: an op without a derivative formula, and the
+# outputs of a ``once_differentiable`` backward.
+_NOT_DIFFERENTIABLE = frozenset(
+    {"torch::autograd::NotImplemented", "torch::autograd::Error", "torch::autograd::DelayedError"}
+)
+# Fused attention kernels (their backward has no derivative): prefixes of their node names.
+_FUSED_ATTENTION = (
+    "ScaledDotProductFlashAttention",
+    "ScaledDotProductEfficientAttention",
+    "ScaledDotProductCudnnAttention",
+    "ScaledDotProductFusedAttention",
+)
 
 
 class _BatchNormInputGrad(torch.autograd.Function):
@@ -121,3 +137,30 @@ def fused_batchnorm_double_backward(root: Tensor) -> Iterator[int]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def raise_if_not_twice_differentiable(grad: Tensor, who: str) -> None:
+    """Raise ``ValueError`` if backpropagating through ``grad`` (a gradient computed with
+    ``create_graph=True``) would reach an op whose double backward PyTorch lacks."""
+    if grad.grad_fn is None:
+        return
+    names = {node.name() for node in _graph_nodes(grad.grad_fn)}
+    if names.isdisjoint(_NOT_DIFFERENTIABLE):
+        return
+    attention = sorted(name for name in names if name.startswith(_FUSED_ATTENTION))
+    if attention:
+        fix = (
+            f"it uses fused scaled-dot-product attention ({', '.join(attention)}), which has "
+            "no double backward: run the forward pass under `with torch.nn.attention."
+            "sdpa_kernel(torch.nn.attention.SDPBackend.MATH):` (timm: "
+            "`timm.layers.set_fused_attn(False)`)"
+        )
+    else:
+        fix = (
+            "replace that op (a fused kernel or a `once_differentiable` autograd Function) by "
+            "one that supports double backward"
+        )
+    raise ValueError(
+        f"{who}: `task_loss` cannot be differentiated twice, as the term needs: its graph "
+        f"holds an op whose double backward PyTorch does not implement; {fix}"
+    )
