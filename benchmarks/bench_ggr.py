@@ -11,8 +11,8 @@ backprop enlarges), measured with ``torch.autograd.graph.saved_tensors_hooks``.
 
 Targets (issue #7): <= 2.5x at every=1, <= 1.4x at every=4.
 
-The warm-up steps include the one-off ``torch.compile`` of the fused batch-norm kernel (about
-half a minute on CPU, once per process; ``TORCH_RECAL_COMPILE=0`` runs it eagerly instead).
+The warm-up steps include the one-off ``torch.compile`` of the fused batch-norm kernel (once
+per process; ``TORCH_RECAL_COMPILE=0`` runs it eagerly instead).
 
 ``--profile`` also attributes the time of a plain step and of every=1 steps (fused and
 PyTorch's batch-norm double backward) to the autograd nodes (backward functions) and forward

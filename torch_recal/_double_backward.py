@@ -1,20 +1,20 @@
 """Double-backprop helpers for :class:`~torch_recal.GenerativeGradientLoss`.
 
 **A fused double backward for train-mode batch norm.** PyTorch differentiates batch norm's
-backward (``native_batch_norm_backward``) with a composite of about forty eager ops
-(``batchnorm_double_backward``). In a double-backprop step of a batch-norm network, such as a
-GGR step, that formula is the largest single cost on CPU (``python benchmarks/bench_ggr.py
+backward (``native_batch_norm_backward``) with an eager composite of elementwise and reduction
+ops (``batchnorm_double_backward``). In a double-backprop step of a batch-norm network, such as
+a GGR step, that formula was the largest single cost on CPU (``python benchmarks/bench_ggr.py
 --profile``). :func:`fused_batchnorm_double_backward` is a context manager around the
-``create_graph=True`` gradient call. It puts a hook on every train-mode batch-norm node of
-the graph below ``root``; when such a node runs with ``create_graph=True`` and produces only
-the input gradient, the hook keeps the value PyTorch computed and gives it an autograd node
-whose backward is :func:`torch_recal.functional._batch_norm_double_backward`: the same math
-in one reduction and one elementwise sweep, compiled under the library's policy
-(:mod:`torch_recal._compile`). The hooks are removed when the block exits, also on error.
-Nodes it does not handle (eval-mode batch norm, a pass that also asks for the batch norm's
-weight or bias gradients, cuDNN/MIOpen batch norm, ``SyncBatchNorm``) keep PyTorch's formula.
-Nothing about the user's model changes; the values are PyTorch's to round-off (tested in
-float64 against PyTorch's own formula and against finite differences).
+``create_graph=True`` gradient call. It puts a hook on every train-mode batch-norm node of the
+graph below ``root``; when such a node runs with ``create_graph=True`` and produces only the
+input gradient, the hook keeps the value PyTorch computed and gives it an autograd node whose
+backward is :func:`torch_recal.functional._batch_norm_double_backward`: the same math in one
+reduction and one elementwise sweep, compiled under the library's policy
+(:mod:`torch_recal._compile`). The hooks are removed when the block exits, also on error. Nodes
+it does not handle (eval-mode batch norm, a pass that also asks for the batch norm's weight or
+bias gradients, cuDNN/MIOpen batch norm, ``SyncBatchNorm``) keep PyTorch's formula. Nothing
+about the user's model changes; the values are PyTorch's to round-off (tested in float64
+against PyTorch's own formula and against finite differences).
 
 **An early, clear error** (:func:`raise_if_not_twice_differentiable`) when the gradient
 made with ``create_graph=True`` holds an op that PyTorch cannot differentiate again (fused

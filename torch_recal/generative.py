@@ -433,7 +433,7 @@ class GenerativeGradientLoss:
         sync: average over ranks under ``torch.distributed`` (default True; a no-op alone).
         fused_batchnorm: give train-mode batch norms (PyTorch's native kernel: CPU, or CUDA
             with cuDNN off) a fused double backward, one compiled kernel per layer instead of
-            PyTorch's ~40 eager ops (default True). The values are PyTorch's to round-off;
+            PyTorch's eager composite (default True). The values are PyTorch's to round-off;
             the model is not changed. ``False`` keeps PyTorch's formula.
 
     Attributes:

@@ -385,11 +385,11 @@ class NormalEquations:
 
 
 def _gram_block(d: int) -> int:
-    """Rows per block of :func:`_lower_gram_blocks`: the best or within 5 % of the best of
-    64/128/256 for d = 256 ... 2048, 1024-row float32 batches, on one CPU thread and on two
-    (``PYTHONPATH=. python benchmarks/bench_refit.py --blocks``, and with
-    ``OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2``): with several threads,
-    64-row blocks are too small to share beyond d = 256, and 128 rows did as well as 256."""
+    """Rows per block of :func:`_lower_gram_blocks`, from 64/128/256 timed for d = 256 ... 2048
+    on 1024-row float32 batches (``PYTHONPATH=. python benchmarks/bench_refit.py --blocks``;
+    two threads: with ``OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2``). One
+    thread: ``max(64, d // 8)`` was the best or within 2 % of it. Two threads: 64-row blocks
+    were slower than 128-row ones at every d >= 512 in three runs; 128 and 256 traded places."""
     if torch.get_num_threads() == 1:
         return max(64, d // 8)
     return 64 if d <= 256 else 128
