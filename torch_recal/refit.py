@@ -617,19 +617,32 @@ def _make_targets(
     return 2 * t - 1 if targets == "bipolar" else t
 
 
-def _pull_back_map(params: _Dense, ridge: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(M, b)`` of a dense layer's ridge pseudo-inverse: the desired input for a desired
-    output ``t`` is ``(t - b) M`` (then the inverse activation), built once per pass."""
+class _PullBack(NamedTuple):
+    """A dense layer's ridge pseudo-inverse, built once per pass: the desired input for a
+    desired output ``t`` is ``inv_act((t - bias) @ m)`` (``inv_act`` of the activation before
+    the layer)."""
+
+    m: Tensor
+    bias: Tensor | None
+    inv_act: Callable[[Tensor], Tensor]
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return self.inv_act((t if self.bias is None else t - self.bias) @ self.m)
+
+
+def _pull_back_map(
+    params: _Dense, act_before: nn.Module | None, ridge: float, device: torch.device
+) -> _PullBack:
     w = params[0].to(device, torch.float64)  # (k, d)
     k, d = w.shape
-    b = torch.zeros(k, dtype=w.dtype, device=device) if params[1] is None else params[1]
     if d <= k:  # t W (W^T W + r I)^-1, so M = W (W^T W + r I)^-1 = ((W^T W + r I)^-1 W^T)^T
         a = w.T @ w + (ridge + 1e-12) * torch.eye(d, dtype=w.dtype, device=device)
         m = torch.linalg.solve(a, w.T).T
     else:  # dual form: t (W W^T + r I)^-1 W
         a = w @ w.T + (ridge + 1e-12) * torch.eye(k, dtype=w.dtype, device=device)
         m = torch.linalg.solve(a, w)
-    return m, b.to(device, torch.float64)
+    bias = None if params[1] is None else params[1].to(device, torch.float64)
+    return _PullBack(m, bias, _inverse_activation(act_before))
 
 
 def pinv_refit_dense(
@@ -855,7 +868,10 @@ def _refit_one(run: _Pass, idx: int, step_size: float, start: str, assign: bool)
     d, k = lin.in_features, lin.out_features
     acc = NormalEquations(d, k, fit_intercept=lin.bias is not None, device=run.dev)
     params = _dense_params(run.linears)
-    pull_backs = [_pull_back_map(p, run.ridge, run.dev) for p in params[idx + 1 :]]
+    pull_backs = [
+        _pull_back_map(params[j], run.acts[j - 1], run.ridge, run.dev)
+        for j in range(idx + 1, len(params))
+    ]
     run.each_batch(
         "refit" if len(run.linears) == 1 else f"refit layer {idx}",
         lambda h, y: _accumulate(run, acc, params, pull_backs, idx, h, y),
@@ -894,7 +910,7 @@ def _accumulate(
     run: _Pass,
     acc: NormalEquations,
     params: list[_Dense],
-    pull_backs: list[tuple[Tensor, Tensor]],
+    pull_backs: list[_PullBack],
     idx: int,
     h: Tensor,
     y: Tensor,
@@ -914,10 +930,8 @@ def _accumulate(
     h = h.to(run.dev)
     t = _make_targets(y, run.targets, run.num_classes, linears[-1].out_features, n, run.dev)
     t = run.inv_act(t.to(torch.float64))
-    # pull the final target back to the output of linears[idx], last layer first
-    for j in range(len(linears) - 1, idx, -1):
-        m, b = pull_backs[j - idx - 1]
-        t = _inverse_activation(run.acts[j - 1])((t - b) @ m)
+    for pull_back in reversed(pull_backs):  # to the output of linears[idx], last layer first
+        t = pull_back(t)
     x = _forward_stack(params, run.acts, h, idx)
     if not torch.isfinite(t).all():
         raise ValueError("pinv_refit_dense: targets are not finite after inverse_activation")
