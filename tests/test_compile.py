@@ -160,10 +160,12 @@ def test_inductor_kernels_match_eager_forward_and_backward(compile_on):
 
 @pytest.mark.compile
 @pytest.mark.slow
-def test_inductor_batch_norm_double_backward_matches_eager(compile_on):
+def test_inductor_batch_norm_and_gelu_double_backwards_match_eager(compile_on):
     from torch_recal.functional import (
         _batch_norm_double_backward,
         _batch_norm_double_backward_kernel,
+        _gelu_double_backward,
+        _gelu_double_backward_kernel,
     )
 
     for shape in [(8, 4, 6, 6), (16, 6)]:  # two shapes: the second is dynamic
@@ -176,3 +178,10 @@ def test_inductor_batch_norm_double_backward_matches_eager(compile_on):
         for got, want in zip(compiled, eager, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not _batch_norm_double_backward_kernel.failed
+    a, g, x = (3 * torch.randn(4, 5, 24) for _ in range(3))
+    for approximate in ("none", "tanh"):
+        compiled = _gelu_double_backward_kernel(a, g, x, approximate)
+        eager = _gelu_double_backward(a, g, x, approximate)
+        for got, want in zip(compiled, eager, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not _gelu_double_backward_kernel.failed

@@ -88,7 +88,7 @@ def test_term_gradient_passes_gradcheck(kind: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# The fused batch-norm double backward (fused_batchnorm=True, the default)
+# The fused batch-norm and GELU double backwards (fused_double_backward=True, the default)
 
 
 def _bn_net(dtype: torch.dtype = torch.float64) -> nn.Sequential:
@@ -112,7 +112,7 @@ def _bn_grads(net: nn.Module, fused: bool, dtype: torch.dtype) -> tuple[float, l
     x = (3 * torch.randn(6, 2, 6, 6, generator=g) + 5).to(dtype)  # far from zero mean
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     ref = torch.randn(net[0].weight.shape, generator=g).to(dtype)
-    ggr = GenerativeGradientLoss(net[0].weight, ref, weight=3.0, fused_batchnorm=fused)
+    ggr = GenerativeGradientLoss(net[0].weight, ref, weight=3.0, fused_double_backward=fused)
     net.zero_grad()
     loss = F.cross_entropy(net(x), y)
     term = ggr(loss, x)
@@ -121,7 +121,7 @@ def _bn_grads(net: nn.Module, fused: bool, dtype: torch.dtype) -> tuple[float, l
 
 
 def test_fused_batchnorm_double_backward_equals_pytorchs_formula() -> None:
-    """Reference: PyTorch's own batchnorm_double_backward (fused_batchnorm=False), float64."""
+    """Reference: PyTorch's own batchnorm_double_backward (fused_double_backward=False), float64."""
     net = _bn_net()
     state = {k: v.clone() for k, v in net.state_dict().items()}
     term_ref, grads_ref = _bn_grads(net, fused=False, dtype=torch.float64)
@@ -173,25 +173,127 @@ def _node_names(t: torch.Tensor) -> set[str]:
 
 
 def test_fused_batchnorm_hooks_only_train_mode_nodes_and_are_removed_also_on_error() -> None:
-    from torch_recal._double_backward import fused_batchnorm_double_backward
+    from torch_recal._double_backward import fused_double_backward
 
     net = _bn_net()
     x, y = torch.randn(6, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     loss = F.cross_entropy(net(x), y)
     w = net[0].weight
-    with fused_batchnorm_double_backward(loss) as hooked:
+    with fused_double_backward(loss) as hooked:
         (g,) = torch.autograd.grad(loss, w, create_graph=True)
     assert hooked == 3  # three train-mode batch norms; the eval-mode one is left alone
     assert "_BatchNormInputGradBackward" in _node_names(g)
     assert "NativeBatchNormBackwardBackward0" in _node_names(g)  # the eval-mode one
-    with pytest.raises(RuntimeError, match="boom"), fused_batchnorm_double_backward(loss):
+    with pytest.raises(RuntimeError, match="boom"), fused_double_backward(loss):
         raise RuntimeError("boom")
     (g,) = torch.autograd.grad(loss, w, create_graph=True)  # hooks gone: PyTorch's formula
     assert "_BatchNormInputGradBackward" not in _node_names(g)
     # a plain backward through hooked nodes (no create_graph) is untouched
-    with fused_batchnorm_double_backward(loss):
+    with fused_double_backward(loss):
         (g,) = torch.autograd.grad(loss, w, retain_graph=True)
     assert g.grad_fn is None
+
+
+def _gelu_reference(
+    a: torch.Tensor, g: torch.Tensor, x: torch.Tensor, approximate: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU's double backward by central finite differences of its (first) backward."""
+    step = 1e-6
+    bwd = torch.ops.aten.gelu_backward
+    grad_g = a * bwd(torch.ones_like(x), x, approximate=approximate)
+    d_bwd = bwd(g, x + step, approximate=approximate) - bwd(g, x - step, approximate=approximate)
+    return grad_g, a * d_bwd / (2 * step)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_double_backward_kernel_equals_finite_differences_and_pytorch(
+    approximate: str,
+) -> None:
+    from torch_recal.functional import _gelu_double_backward
+
+    gen = torch.Generator().manual_seed(8)
+    x = torch.linspace(-7, 7, 301, dtype=torch.float64)  # both tails and the kink region
+    a, g = (torch.randn(301, generator=gen, dtype=torch.float64) for _ in range(2))
+    grad_g, grad_x = _gelu_double_backward(a, g, x, approximate)
+    want_g, want_x = _gelu_reference(a, g, x, approximate)
+    torch.testing.assert_close(grad_g, want_g, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_x, want_x, rtol=1e-6, atol=1e-8)
+    # PyTorch's own gelu_double_backward
+    xl, gl = x.clone().requires_grad_(), g.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(F.gelu(xl, approximate=approximate), xl, gl, create_graph=True)
+    pt_g, pt_x = torch.autograd.grad(dx, (gl, xl), a)
+    torch.testing.assert_close(grad_g, pt_g, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_x, pt_x, rtol=1e-10, atol=1e-12)
+
+
+def _gelu_net(dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    """A ViT-style MLP on patch embeddings: exact and tanh GELUs, a LayerNorm, a batch norm."""
+    torch.manual_seed(9)
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 2, stride=2), nn.BatchNorm2d(6), nn.Flatten(2), Transpose(),
+        nn.LayerNorm(6), nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6),
+        nn.GELU(approximate="tanh"), nn.Flatten(), nn.Linear(6 * 9, 3),
+    ).to(dtype)  # fmt: skip
+
+
+class Transpose(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+def _gelu_grads(net: nn.Module, fused: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(10)
+    x = (2 * torch.randn(6, 2, 6, 6, generator=g)).to(dtype)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    ref = torch.randn(net[0].weight.shape, generator=g).to(dtype)
+    ggr = GenerativeGradientLoss(net[0].weight, ref, weight=3.0, fused_double_backward=fused)
+    net.zero_grad()
+    loss = F.cross_entropy(net(x), y)
+    (loss + ggr(loss, x)).backward()
+    return [p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_gelu_double_backward_equals_pytorchs_formula(dtype: torch.dtype) -> None:
+    net = _gelu_net(dtype)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    grads_ref = _gelu_grads(net, fused=False, dtype=dtype)
+    net.load_state_dict(state)
+    grads = _gelu_grads(net, fused=True, dtype=dtype)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4}
+    scale = max(float(g.abs().max()) for g in grads_ref)
+    for (name, _), got, want in zip(net.named_parameters(), grads, grads_ref, strict=True):
+        atol = tol.get("atol", 1e-5 * scale)
+        torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=atol, msg=name)
+
+
+def test_fused_gelu_term_gradient_passes_gradcheck() -> None:
+    """Finite differences of the whole term through both GELU forms."""
+    g = torch.Generator().manual_seed(11)
+    w1 = torch.randn(4, 1, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    w2 = (0.5 * torch.randn(3, 36, generator=g, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(5, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    ggr = GenerativeGradientLoss(w1, torch.randn(w1.shape, generator=g, dtype=torch.float64))
+
+    def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(F.conv2d(x, a, stride=2))
+        h = F.gelu(2 * h - 0.5, approximate="tanh").flatten(1)
+        return ggr(F.cross_entropy(F.linear(h, b), y), x)
+
+    assert torch.autograd.gradcheck(fn, (w1, w2), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_fused_hooks_count_gelu_nodes() -> None:
+    from torch_recal._double_backward import fused_double_backward
+
+    net = _gelu_net()
+    loss = F.cross_entropy(net(torch.randn(6, 2, 6, 6, dtype=torch.float64)), torch.arange(6) % 3)
+    with fused_double_backward(loss) as hooked:
+        (g,) = torch.autograd.grad(loss, net[0].weight, create_graph=True)
+    assert hooked == 3  # two GELUs and the batch norm
+    names = _node_names(g)
+    assert "_GeluInputGradBackward" in names and "GeluBackwardBackward0" not in names
 
 
 class _OnceDifferentiableSquare(torch.autograd.Function):
@@ -412,8 +514,8 @@ def test_bad_constructor_arguments_raise_clear_errors() -> None:
         GenerativeGradientLoss(w1, 3.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="weight shape"):
         GenerativeGradientLoss(w1, ReferenceDecoder(1, 3, 3))
-    with pytest.raises(TypeError, match="fused_batchnorm"):
-        GenerativeGradientLoss(w1, ref, fused_batchnorm=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fused_double_backward"):
+        GenerativeGradientLoss(w1, ref, fused_double_backward=1)  # type: ignore[arg-type]
     ggr = GenerativeGradientLoss(w1, ref)
     with pytest.raises(ValueError, match="weight"):
         ggr.weight = -1.0
@@ -603,7 +705,7 @@ def _ddp_batchnorm_worker(rank: int, world: int, state, x, y, ref) -> dict:
         net = _bn_net()
         net.load_state_dict(state)
         ddp = DDP(net)
-        ggr = GenerativeGradientLoss(net[0].weight, ref, weight=3.0, fused_batchnorm=fused)
+        ggr = GenerativeGradientLoss(net[0].weight, ref, weight=3.0, fused_double_backward=fused)
         half = len(y) // world
         xl, yl = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
         loss = F.cross_entropy(ddp(xl), yl)
@@ -678,9 +780,17 @@ def test_timm_vit_fused_attention_is_refused_and_works_with_set_fused_attn_false
             if fused:
                 with pytest.raises(ValueError, match="set_fused_attn"):
                     ggr(loss, x)
-            else:
-                (loss + ggr(loss, x)).backward()
+            else:  # the fused GELU double backward (default) equals PyTorch's formula
+                grads = {}
+                for fused_db in (True, False):
+                    model.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    ggr.fused_double_backward = fused_db
+                    (loss + ggr(loss, x)).backward()
+                    grads[fused_db] = [p.grad.clone() for p in model.parameters()]
                 assert w.grad is not None and torch.isfinite(w.grad).all()
+                for got, want in zip(grads[True], grads[False], strict=True):
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     finally:
         set_fused_attn(before)
 

@@ -1,20 +1,23 @@
 """Double-backprop helpers for :class:`~torch_recal.GenerativeGradientLoss`.
 
-**A fused double backward for train-mode batch norm.** PyTorch differentiates batch norm's
-backward (``native_batch_norm_backward``) with an eager composite of elementwise and reduction
-ops (``batchnorm_double_backward``). In a double-backprop step of a batch-norm network, such as
-a GGR step, that formula was the largest single cost on CPU (``python benchmarks/bench_ggr.py
---profile``). :func:`fused_batchnorm_double_backward` is a context manager around the
-``create_graph=True`` gradient call. It puts a hook on every train-mode batch-norm node of the
-graph below ``root``; when such a node runs with ``create_graph=True`` and produces only the
-input gradient, the hook keeps the value PyTorch computed and gives it an autograd node whose
-backward is :func:`torch_recal.functional._batch_norm_double_backward`: the same math in one
-reduction and one elementwise sweep, compiled under the library's policy
+**Fused double backwards for train-mode batch norm and GELU.** PyTorch differentiates batch
+norm's backward (``native_batch_norm_backward``) and GELU's (``gelu_backward``) with eager
+composites of elementwise and reduction ops (``batchnorm_double_backward``,
+``gelu_double_backward``), one full-size temporary per op. In a double-backprop step, such as a
+GGR step, they were the largest single cost of a batch-norm ResNet and the second largest of a
+ViT on CPU (``python benchmarks/bench_ggr.py --profile``, ``--model vit``).
+:func:`fused_double_backward` is a context manager around the ``create_graph=True`` gradient
+call. It puts a hook on every train-mode batch-norm node and every GELU node of the graph
+below ``root``; when such a node runs with ``create_graph=True`` (and, for batch norm, produces
+only the input gradient), the hook keeps the value PyTorch computed and gives it an autograd
+node whose backward is the hand-derived formula of :mod:`torch_recal.functional`
+(``_batch_norm_double_backward``: one reduction and one elementwise sweep;
+``_gelu_double_backward``: one elementwise sweep), compiled under the library's policy
 (:mod:`torch_recal._compile`). The hooks are removed when the block exits, also on error. Nodes
 it does not handle (eval-mode batch norm, a pass that also asks for the batch norm's weight or
 bias gradients, cuDNN/MIOpen batch norm, ``SyncBatchNorm``) keep PyTorch's formula. Nothing
 about the user's model changes; the values are PyTorch's to round-off (tested in float64
-against PyTorch's own formula and against finite differences).
+against PyTorch's own formulas and against finite differences).
 
 **An early, clear error** (:func:`raise_if_not_twice_differentiable`) when the gradient
 made with ``create_graph=True`` holds an op that PyTorch cannot differentiate again (fused
@@ -33,15 +36,20 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from torch_recal.functional import _batch_norm_double_backward_kernel
+from torch_recal.functional import (
+    _batch_norm_double_backward_kernel,
+    _gelu_double_backward_kernel,
+)
 
-__all__ = ["fused_batchnorm_double_backward", "raise_if_not_twice_differentiable"]
+__all__ = ["fused_double_backward", "raise_if_not_twice_differentiable"]
 
 # Autograd nodes of train-mode batch norm whose saved tensors are ``input``, ``weight``,
 # ``result1`` (the batch mean) and ``result2`` (the batch's 1/sqrt(var + eps)) and whose
 # first output is the input gradient. cuDNN's node saves the same names but is untested
 # here (no GPU was available), so it keeps PyTorch's formula.
-_NODE_NAMES = frozenset({"NativeBatchNormBackward0"})
+_BATCH_NORM_NODE = "NativeBatchNormBackward0"
+# GELU's node saves ``self`` (the input) and ``approximate``; its only output is the input grad.
+_GELU_NODE = "GeluBackward0"
 
 # Nodes that raise when backpropagated through: an op without a derivative formula, and the
 # outputs of a ``once_differentiable`` backward.
@@ -90,22 +98,73 @@ class _BatchNormInputGrad(torch.autograd.Function):
         )
 
 
-def _hook(
+class _GeluInputGrad(torch.autograd.Function):
+    """Identity on the value of GELU's input gradient; backward: the fused formula."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, dx: Tensor, g: Tensor, x: Tensor, approximate: str
+    ) -> Tensor:
+        ctx.save_for_backward(g, x)
+        ctx.approximate = approximate
+        return dx
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, a: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        g, x = ctx.saved_tensors
+        grad_g, grad_x = _gelu_double_backward_kernel(a, g, x, ctx.approximate)
+        _, need_g, need_x, _ = ctx.needs_input_grad
+        return (
+            None,
+            grad_g.to(g.dtype) if need_g else None,
+            grad_x.to(x.dtype) if need_x else None,
+            None,
+        )
+
+
+def _create_graph_pass(
+    grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]
+) -> bool:
+    """Whether a node runs inside a ``create_graph=True`` pass that asks only for the input
+    gradient (otherwise PyTorch's formula is kept)."""
+    dx, g = grad_inputs[0], grad_outputs[0]
+    return (
+        dx is not None
+        and g is not None
+        and dx.grad_fn is not None
+        and all(t is None for t in grad_inputs[1:])
+    )
+
+
+def _batch_norm_hook(
     node: Any, grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]
 ) -> tuple[Tensor | None, ...] | None:
-    dx = grad_inputs[0]
-    g = grad_outputs[0]
-    if dx is None or g is None or dx.grad_fn is None or any(t is not None for t in grad_inputs[1:]):
-        return None  # not a create_graph pass, or weight/bias gradients wanted: PyTorch's formula
+    if not _create_graph_pass(grad_inputs, grad_outputs):
+        return None
     fused = _BatchNormInputGrad.apply(
-        dx.detach(),
-        g,
+        grad_inputs[0].detach(),  # type: ignore[union-attr]
+        grad_outputs[0],
         node._saved_input,
         node._saved_weight,
         node._saved_result1,
         node._saved_result2,
     )
     return (fused, *grad_inputs[1:])
+
+
+def _gelu_hook(
+    node: Any, grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]
+) -> tuple[Tensor | None, ...] | None:
+    if not _create_graph_pass(grad_inputs, grad_outputs):
+        return None
+    fused = _GeluInputGrad.apply(
+        grad_inputs[0].detach(),  # type: ignore[union-attr]
+        grad_outputs[0],
+        node._saved_self,
+        node._saved_approximate,
+    )
+    return (fused,)
 
 
 def _graph_nodes(root: Any) -> Iterator[Any]:
@@ -121,18 +180,28 @@ def _graph_nodes(root: Any) -> Iterator[Any]:
                 stack.append(nxt)
 
 
-@contextlib.contextmanager
-def fused_batchnorm_double_backward(root: Tensor) -> Iterator[int]:
-    """Within the block, train-mode batch norms under ``root`` use the fused double backward.
+def _hook_for(node: Any) -> Any:
+    """The fused-double-backward hook for ``node``, or ``None`` to keep PyTorch's formula."""
+    name = node.name()
+    if name == _BATCH_NORM_NODE and node._saved_training:
+        return _batch_norm_hook
+    if name == _GELU_NODE:
+        return _gelu_hook
+    return None
 
-    Yields the number of batch-norm nodes hooked (internal; see the module docstring).
+
+@contextlib.contextmanager
+def fused_double_backward(root: Tensor) -> Iterator[int]:
+    """Within the block, train-mode batch norms and GELUs under ``root`` use the fused double
+    backward. Yields the number of nodes hooked (internal; see the module docstring).
     """
     handles = []
     try:
         if root.grad_fn is not None:
             for node in _graph_nodes(root.grad_fn):
-                if node.name() in _NODE_NAMES and node._saved_training:
-                    handles.append(node.register_hook(functools.partial(_hook, node)))
+                hook = _hook_for(node)
+                if hook is not None:
+                    handles.append(node.register_hook(functools.partial(hook, node)))
         yield len(handles)
     finally:
         for handle in handles:

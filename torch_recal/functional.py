@@ -416,3 +416,43 @@ def _batch_norm_double_backward(
 
 
 _batch_norm_double_backward_kernel = lazy_compile(_batch_norm_double_backward)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_TANH_CUBIC = 0.044715
+
+
+def _gelu_double_backward(
+    a: Tensor, g: Tensor, x: Tensor, approximate: str
+) -> tuple[Tensor, Tensor]:
+    """Vector-Jacobian product of GELU's input gradient ``dx = g * gelu'(x)``, hand-derived.
+
+    For a cotangent ``a`` of ``dx``: ``d<a, dx>/dg = a gelu'(x)`` (PyTorch's own
+    ``gelu_backward(a, x)``: ``dx`` is linear in ``g``) and ``d<a, dx>/dx = a g gelu''(x)``, with
+
+    * ``approximate="none"``, ``gelu(x) = x Phi(x)``: ``gelu'' = phi(x) (2 - x^2)``
+      (``Phi``, ``phi``: the standard normal cdf and pdf);
+    * ``approximate="tanh"``, ``gelu(x) = x (1 + tanh u) / 2`` with
+      ``u = sqrt(2/pi) (x + 0.044715 x^3)``:
+      ``gelu'' = sech^2(u) (u' + x u'' / 2 - x tanh(u) u'^2)``.
+
+    The same values as PyTorch's ``gelu_double_backward``, but one elementwise sweep when
+    compiled; returned in the compute dtype (float32 or float64).
+    """
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    a, g, x = a.to(cdt), g.to(cdt), x.to(cdt)
+    grad_g = torch.ops.aten.gelu_backward(a, x, approximate=approximate)
+    x2 = x * x
+    if approximate == "tanh":
+        u = _SQRT_2_OVER_PI * x * (1.0 + _GELU_TANH_CUBIC * x2)
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * x2)
+        d2u = (6.0 * _SQRT_2_OVER_PI * _GELU_TANH_CUBIC) * x
+        sech2 = torch.cosh(u).reciprocal().square()  # not 1 - tanh^2: no cancellation
+        second = sech2 * (du + 0.5 * x * d2u - x * torch.tanh(u) * du * du)
+    else:
+        second = (_INV_SQRT_2PI * (2.0 - x2)) * torch.exp(-0.5 * x2)
+    return grad_g, a * g * second
+
+
+_gelu_double_backward_kernel = lazy_compile(_gelu_double_backward)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from torch_recal import _dist
 from torch_recal._double_backward import (
-    fused_batchnorm_double_backward,
+    fused_double_backward,
     raise_if_not_twice_differentiable,
 )
 
@@ -431,10 +431,11 @@ class GenerativeGradientLoss:
         every: apply on every ``every``-th call (default 1: every call).
         eps: floor of the norm product in the cosine.
         sync: average over ranks under ``torch.distributed`` (default True; a no-op alone).
-        fused_batchnorm: give train-mode batch norms (PyTorch's native kernel: CPU, or CUDA
-            with cuDNN off) a fused double backward, one compiled kernel per layer instead of
-            PyTorch's eager composite (default True). The values are PyTorch's to round-off;
-            the model is not changed. ``False`` keeps PyTorch's formula.
+        fused_double_backward: give train-mode batch norms (PyTorch's native kernel: CPU, or
+            CUDA with cuDNN off) and GELUs a fused double backward, one compiled kernel per
+            layer instead of PyTorch's eager composite (default True). The values are
+            PyTorch's to round-off; the model is not changed. ``False`` keeps PyTorch's
+            formulas.
 
     Attributes:
         step: number of calls so far (applied or skipped); saved by :meth:`state_dict`.
@@ -472,7 +473,7 @@ class GenerativeGradientLoss:
         every: int = 1,
         eps: float = 1e-12,
         sync: bool = True,
-        fused_batchnorm: bool = True,
+        fused_double_backward: bool = True,
     ) -> None:
         who = "GenerativeGradientLoss"
         if not isinstance(target, Tensor):
@@ -513,7 +514,7 @@ class GenerativeGradientLoss:
         _check_options(who, discrepancy, weight, ema, every)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"{who}: `eps` must be a positive float, got {eps!r}")
-        for name, flag in (("sync", sync), ("fused_batchnorm", fused_batchnorm)):
+        for name, flag in (("sync", sync), ("fused_double_backward", fused_double_backward)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{who}: `{name}` must be a bool, got {type(flag).__name__}")
         self.target = target
@@ -524,7 +525,7 @@ class GenerativeGradientLoss:
         self.every = int(every)
         self.eps = float(eps)
         self.sync = sync
-        self.fused_batchnorm = fused_batchnorm
+        self.fused_double_backward = fused_double_backward
         self.step = 0
         self.reference_ema: Tensor | None = None
         self.last_reference: Tensor | None = None
@@ -573,8 +574,8 @@ class GenerativeGradientLoss:
             self.step += 1
             return torch.zeros((), device=task_loss.device, dtype=task_loss.dtype)
         ref = self._reference(x)
-        fused = self.fused_batchnorm
-        with fused_batchnorm_double_backward(task_loss) if fused else contextlib.nullcontext():
+        fused = self.fused_double_backward
+        with fused_double_backward(task_loss) if fused else contextlib.nullcontext():
             (g_cls,) = torch.autograd.grad(
                 task_loss.reshape(()), self.target, create_graph=True, allow_unused=True
             )
