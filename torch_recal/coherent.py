@@ -397,6 +397,8 @@ class CoherentStrongReg:
         did not exceed ``strength`` are put back to exactly zero.
         """
         pending, self._pending = self._pending, None
+        if pending is None:  # L2, gate off, or no step() since the last call
+            return
         names, originals = self._live
         params = [_dist.local_tensor(p) for p in originals]  # DTensor: this rank's slice
         if pending == "prox":
