@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -123,48 +123,31 @@ class _GeluInputGrad(torch.autograd.Function):
         )
 
 
-def _create_graph_pass(
-    grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]
-) -> bool:
-    """Whether a node runs inside a ``create_graph=True`` pass that asks only for the input
-    gradient (otherwise PyTorch's formula is kept)."""
+def _batch_norm_input_grad(node: Any, dx: Tensor, g: Tensor) -> Tensor:
+    return _BatchNormInputGrad.apply(
+        dx, g, node._saved_input, node._saved_weight, node._saved_result1, node._saved_result2
+    )
+
+
+def _gelu_input_grad(node: Any, dx: Tensor, g: Tensor) -> Tensor:
+    return _GeluInputGrad.apply(dx, g, node._saved_self, node._saved_approximate)
+
+
+_FusedInputGrad = Callable[[Any, Tensor, Tensor], Tensor]
+
+
+def _hook(
+    fused: _FusedInputGrad,
+    node: Any,
+    grad_inputs: tuple[Tensor | None, ...],
+    grad_outputs: tuple[Tensor | None, ...],
+) -> tuple[Tensor | None, ...] | None:
+    """Swap the node's input gradient for one with the fused backward, in a
+    ``create_graph=True`` pass that asks only for the input gradient (else PyTorch's)."""
     dx, g = grad_inputs[0], grad_outputs[0]
-    return (
-        dx is not None
-        and g is not None
-        and dx.grad_fn is not None
-        and all(t is None for t in grad_inputs[1:])
-    )
-
-
-def _batch_norm_hook(
-    node: Any, grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]
-) -> tuple[Tensor | None, ...] | None:
-    if not _create_graph_pass(grad_inputs, grad_outputs):
+    if dx is None or g is None or dx.grad_fn is None or any(t is not None for t in grad_inputs[1:]):
         return None
-    fused = _BatchNormInputGrad.apply(
-        grad_inputs[0].detach(),  # type: ignore[union-attr]
-        grad_outputs[0],
-        node._saved_input,
-        node._saved_weight,
-        node._saved_result1,
-        node._saved_result2,
-    )
-    return (fused, *grad_inputs[1:])
-
-
-def _gelu_hook(
-    node: Any, grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]
-) -> tuple[Tensor | None, ...] | None:
-    if not _create_graph_pass(grad_inputs, grad_outputs):
-        return None
-    fused = _GeluInputGrad.apply(
-        grad_inputs[0].detach(),  # type: ignore[union-attr]
-        grad_outputs[0],
-        node._saved_self,
-        node._saved_approximate,
-    )
-    return (fused,)
+    return (fused(node, dx.detach(), g), *grad_inputs[1:])
 
 
 def _graph_nodes(root: Any) -> Iterator[Any]:
@@ -180,13 +163,13 @@ def _graph_nodes(root: Any) -> Iterator[Any]:
                 stack.append(nxt)
 
 
-def _hook_for(node: Any) -> Any:
-    """The fused-double-backward hook for ``node``, or ``None`` to keep PyTorch's formula."""
+def _fused_for(node: Any) -> _FusedInputGrad | None:
+    """The fused input gradient for ``node``, or ``None`` to keep PyTorch's formula."""
     name = node.name()
     if name == _BATCH_NORM_NODE and node._saved_training:
-        return _batch_norm_hook
+        return _batch_norm_input_grad
     if name == _GELU_NODE:
-        return _gelu_hook
+        return _gelu_input_grad
     return None
 
 
@@ -199,9 +182,9 @@ def fused_double_backward(root: Tensor) -> Iterator[int]:
     try:
         if root.grad_fn is not None:
             for node in _graph_nodes(root.grad_fn):
-                hook = _hook_for(node)
-                if hook is not None:
-                    handles.append(node.register_hook(functools.partial(hook, node)))
+                fused = _fused_for(node)
+                if fused is not None:
+                    handles.append(node.register_hook(functools.partial(_hook, fused, node)))
         yield len(handles)
     finally:
         for handle in handles:
