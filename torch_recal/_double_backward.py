@@ -4,9 +4,9 @@
 norm's backward (``native_batch_norm_backward``) and GELU's (``gelu_backward``) with eager
 composites of elementwise and reduction ops (``batchnorm_double_backward``,
 ``gelu_double_backward``), one full-size temporary per op. In a GGR step of ResNet-20 on CPU,
-batch norm's was the largest single cost (``python benchmarks/bench_ggr.py --profile``); the
-fused kernels make a GGR step 17 % shorter there and 4-6 % shorter on a small ViT
-(``bench_ggr.py`` and ``bench_ggr.py --model vit``, see the GGR method card).
+batch norm's was the largest single cost (``python benchmarks/bench_ggr.py --profile``). The
+fused kernels shorten GGR steps of ResNet-20 and of a small ViT (``bench_ggr.py``,
+``bench_ggr.py --model vit``; the figures are on the GGR method card).
 :func:`fused_double_backward` is a context manager around the ``create_graph=True`` gradient
 call. It puts a hook on every train-mode batch-norm node and every GELU node of the graph
 below ``root``; when such a node runs with ``create_graph=True`` (and, for batch norm, produces
