@@ -226,6 +226,11 @@ def test_gelu_double_backward_kernel_equals_finite_differences_and_pytorch(
     torch.testing.assert_close(grad_x, pt_x, rtol=1e-10, atol=1e-12)
 
 
+class Transpose(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
 def _gelu_net(dtype: torch.dtype = torch.float64) -> nn.Sequential:
     """A ViT-style MLP on patch embeddings: exact and tanh GELUs, a LayerNorm, a batch norm."""
     torch.manual_seed(9)
@@ -234,11 +239,6 @@ def _gelu_net(dtype: torch.dtype = torch.float64) -> nn.Sequential:
         nn.LayerNorm(6), nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6),
         nn.GELU(approximate="tanh"), nn.Flatten(), nn.Linear(6 * 9, 3),
     ).to(dtype)  # fmt: skip
-
-
-class Transpose(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(1, 2)
 
 
 def _gelu_grads(net: nn.Module, fused: bool, dtype: torch.dtype) -> list[torch.Tensor]:
