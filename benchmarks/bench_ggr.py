@@ -168,8 +168,8 @@ def profile_steps(args: argparse.Namespace, n: int = 3) -> None:
         step, _ = make_step(mode, args)
         for _ in range(args.warmup):
             step()
-        with profile(activities=activities):  # the first profiled steps ran slower (the
-            step()  # fused GELU node by ~7x in one test): a profiled warm-up, not measured
+        with profile(activities=activities):  # a profiled warm-up step, not measured:
+            step()  # the first profiled steps ran slower in trials
         sync(args.device)
         t0 = time.perf_counter()
         with profile(activities=activities) as prof:

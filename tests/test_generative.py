@@ -107,9 +107,18 @@ def _bn_net(dtype: torch.dtype = torch.float64) -> nn.Sequential:
     return net
 
 
-def _bn_grads(net: nn.Module, fused: bool, dtype: torch.dtype) -> tuple[float, list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(4)
-    x = (3 * torch.randn(6, 2, 6, 6, generator=g) + 5).to(dtype)  # far from zero mean
+def _ggr_grads(
+    net: nn.Module,
+    fused: bool,
+    dtype: torch.dtype,
+    *,
+    seed: int = 4,
+    scale: float = 3.0,
+    loc: float = 5.0,  # far from zero mean
+) -> tuple[float, list[torch.Tensor]]:
+    """The term and the parameter gradients of one CE + GGR step on ``scale * randn + loc``."""
+    g = torch.Generator().manual_seed(seed)
+    x = (scale * torch.randn(6, 2, 6, 6, generator=g) + loc).to(dtype)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     ref = torch.randn(net[0].weight.shape, generator=g).to(dtype)
     ggr = GenerativeGradientLoss(net[0].weight, ref, weight=3.0, fused_double_backward=fused)
@@ -124,9 +133,9 @@ def test_fused_batchnorm_double_backward_equals_pytorchs_formula() -> None:
     """Reference: PyTorch's own batchnorm_double_backward (fused_double_backward=False), float64."""
     net = _bn_net()
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    term_ref, grads_ref = _bn_grads(net, fused=False, dtype=torch.float64)
+    term_ref, grads_ref = _ggr_grads(net, fused=False, dtype=torch.float64)
     net.load_state_dict(state)
-    term, grads = _bn_grads(net, fused=True, dtype=torch.float64)
+    term, grads = _ggr_grads(net, fused=True, dtype=torch.float64)
     assert term == pytest.approx(term_ref, rel=1e-13)
     for (name, _), got, want in zip(net.named_parameters(), grads, grads_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
@@ -136,9 +145,9 @@ def test_fused_batchnorm_double_backward_equals_pytorchs_formula() -> None:
 def test_fused_batchnorm_float32_close_to_pytorchs_formula() -> None:
     net = _bn_net(torch.float32)
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    _, grads_ref = _bn_grads(net, fused=False, dtype=torch.float32)
+    _, grads_ref = _ggr_grads(net, fused=False, dtype=torch.float32)
     net.load_state_dict(state)
-    _, grads = _bn_grads(net, fused=True, dtype=torch.float32)
+    _, grads = _ggr_grads(net, fused=True, dtype=torch.float32)
     scale = max(float(g.abs().max()) for g in grads_ref)  # conv biases before BN: grad ~ 0
     for got, want in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
@@ -241,25 +250,13 @@ def _gelu_net(dtype: torch.dtype = torch.float64) -> nn.Sequential:
     ).to(dtype)  # fmt: skip
 
 
-def _gelu_grads(net: nn.Module, fused: bool, dtype: torch.dtype) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(10)
-    x = (2 * torch.randn(6, 2, 6, 6, generator=g)).to(dtype)
-    y = torch.tensor([0, 1, 2, 0, 1, 2])
-    ref = torch.randn(net[0].weight.shape, generator=g).to(dtype)
-    ggr = GenerativeGradientLoss(net[0].weight, ref, weight=3.0, fused_double_backward=fused)
-    net.zero_grad()
-    loss = F.cross_entropy(net(x), y)
-    (loss + ggr(loss, x)).backward()
-    return [p.grad.clone() for p in net.parameters()]
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_gelu_double_backward_equals_pytorchs_formula(dtype: torch.dtype) -> None:
     net = _gelu_net(dtype)
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    grads_ref = _gelu_grads(net, fused=False, dtype=dtype)
+    _, grads_ref = _ggr_grads(net, fused=False, dtype=dtype, seed=10, scale=2.0, loc=0.0)
     net.load_state_dict(state)
-    grads = _gelu_grads(net, fused=True, dtype=dtype)
+    _, grads = _ggr_grads(net, fused=True, dtype=dtype, seed=10, scale=2.0, loc=0.0)
     tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4}
     scale = max(float(g.abs().max()) for g in grads_ref)
     for (name, _), got, want in zip(net.named_parameters(), grads, grads_ref, strict=True):

@@ -34,10 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_recal import _dist
-from torch_recal._double_backward import (
-    fused_double_backward,
-    raise_if_not_twice_differentiable,
-)
+from torch_recal import _double_backward as _db
 
 __all__ = ["FilterStats", "GenerativeGradientLoss", "ReferenceDecoder", "first_layer_filter_stats"]
 
@@ -575,7 +572,7 @@ class GenerativeGradientLoss:
             return torch.zeros((), device=task_loss.device, dtype=task_loss.dtype)
         ref = self._reference(x)
         fused = self.fused_double_backward
-        with fused_double_backward(task_loss) if fused else contextlib.nullcontext():
+        with _db.fused_double_backward(task_loss) if fused else contextlib.nullcontext():
             (g_cls,) = torch.autograd.grad(
                 task_loss.reshape(()), self.target, create_graph=True, allow_unused=True
             )
@@ -585,7 +582,7 @@ class GenerativeGradientLoss:
                 "that the loss's forward pass used (and the model's own parameter, not a copy; "
                 "under FSDP the forward uses gathered copies, which is not supported)"
             )
-        raise_if_not_twice_differentiable(g_cls, who)
+        _db.raise_if_not_twice_differentiable(g_cls, who)
         # Commit state only now: nothing above changed it.
         if self.ema is not None:
             if self.reference_ema is None:
