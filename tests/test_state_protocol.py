@@ -1,0 +1,157 @@
+"""Every stateful piece follows one protocol (docs/conventions.md, rule 2).
+
+For each piece a small "world" (a model, an optimizer, the piece, seeded data) is run
+
+* uninterrupted for ``2k`` steps, and
+* for ``k`` steps, saved with ``torch.save`` (the piece's ``state_dict()`` beside the model's
+  and the optimizer's), loaded with ``torch.load(weights_only=True)`` into a freshly built
+  world, and continued for ``k`` steps;
+
+the two must end identical (the model's weights and the piece's state). Then every key of
+the piece's state is dropped, replaced by a value of the wrong type and by a value out of
+range: ``load_state_dict`` must raise (``TypeError``/``ValueError``) and leave the piece
+exactly as it was.
+
+A world is a class with ``build(seed)`` (classmethod), ``piece`` (the stateful object),
+``advance(i)`` (one step of the loop, which advances the piece), ``save()`` / ``load(blob)``
+(everything a checkpoint holds) and ``observe()`` (what must match after resuming). Add a
+world for each new stateful piece to ``WORLDS``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from tests.badcalls import assert_same, snapshot
+
+WORLDS: list[Any] = []  # one section per piece below; the generic tests are at the end
+
+
+def _roundtrip(blob: dict[str, Any]) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+class World:
+    """Shared plumbing: subclasses set ``piece`` and implement ``build`` and ``advance``."""
+
+    steps: ClassVar[int] = 3  # k
+    piece: Any
+    model: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+
+    def save(self) -> dict[str, Any]:
+        blob: dict[str, Any] = {"piece": self.piece.state_dict()}
+        if self.model is not None:
+            blob["model"] = self.model.state_dict()
+        if self.optimizer is not None:
+            blob["optimizer"] = self.optimizer.state_dict()
+        return blob
+
+    def load(self, blob: dict[str, Any]) -> None:
+        if self.model is not None:
+            self.model.load_state_dict(blob["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(blob["optimizer"])
+        self.piece.load_state_dict(blob["piece"])
+
+    def observe(self) -> Any:
+        return snapshot([self.model, self.piece] if self.model is not None else self.piece)
+
+
+def _bad_values(value: Any) -> list[Any]:
+    """Values of the wrong type or out of range for one state entry."""
+    out: list[Any] = ["x", None]
+    if isinstance(value, bool):
+        out += [2, "no"]
+    elif isinstance(value, int):
+        out += [-7, 1.5, 10**12]
+    elif isinstance(value, float):
+        out += [float("nan"), float("inf"), -1.0]
+    elif isinstance(value, torch.Tensor):
+        out += [value.new_full((3, 1), float("nan")) if value.is_floating_point() else
+                value.new_zeros((3, 1)), value.reshape(-1)[:1].clone() if value.numel() > 1
+                else value.new_zeros(5)]  # fmt: skip
+        if value.is_floating_point() and value.numel():
+            nan = value.clone()
+            nan.view(-1)[0] = float("nan")
+            out.append(nan)
+    elif isinstance(value, (list, tuple)):
+        out += [5, [object()]]
+    elif isinstance(value, dict):
+        out += [5, {"unknown": 1}]
+    return out
+
+
+# --------------------------------------------------------------------------- CoherentStrongReg
+# (lead) world added with the coherent gate rework
+
+# --------------------------------------------------------------------------- RifleScheduler
+# (S1)
+
+# --------------------------------------------------------------------------- RandomLayerTraining
+# (S1)
+
+# --------------------------------------------------------------------------- NormalEquations
+# (S1)
+
+# --------------------------------------------------------------------------- GenerativeGradientLoss
+# (S2)
+
+
+# --------------------------------------------------------------------------- the protocol
+def _ids(worlds: list[Any]) -> list[str]:
+    return [w.__name__.removesuffix("World") for w in worlds]
+
+
+@pytest.fixture(params=WORLDS, ids=_ids(WORLDS))
+def world_cls(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+def test_resume_equals_uninterrupted_run(world_cls: Any) -> None:
+    k = world_cls.steps
+    straight = world_cls.build(seed=0)
+    for i in range(2 * k):
+        straight.advance(i)
+    first = world_cls.build(seed=0)
+    for i in range(k):
+        first.advance(i)
+    blob = _roundtrip(first.save())
+    resumed = world_cls.build(seed=0)
+    resumed.load(blob)
+    for i in range(k, 2 * k):
+        resumed.advance(i)
+    assert_same(straight.observe(), resumed.observe())
+
+
+def test_counter_is_num_steps(world_cls: Any) -> None:
+    world = world_cls.build(seed=0)
+    assert world.piece.num_steps == 0
+    for i in range(world_cls.steps):
+        world.advance(i)
+    assert world.piece.num_steps == world_cls.steps
+    assert world.piece.state_dict()["num_steps"] == world_cls.steps
+
+
+def test_load_state_dict_rejects_bad_state_and_changes_nothing(world_cls: Any) -> None:
+    world = world_cls.build(seed=0)
+    for i in range(world_cls.steps):
+        world.advance(i)
+    good = world.piece.state_dict()
+    before = snapshot(world.piece)
+    bad_states: list[Any] = [None, 5, [], {**good, "unexpected": 1}]
+    bad_states += [{k: v for k, v in good.items() if k != key} for key in good]
+    bad_states += [{**good, key: bad} for key in good for bad in _bad_values(good[key])]
+    for bad in bad_states:
+        with pytest.raises((TypeError, ValueError)):
+            world.piece.load_state_dict(bad)
+        assert_same(before, snapshot(world.piece), f"after load_state_dict({bad!r:.200})")
+    world.piece.load_state_dict(_roundtrip({"s": good})["s"])  # the good state still loads
+    assert_same(before, snapshot(world.piece))
