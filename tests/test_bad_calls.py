@@ -43,7 +43,7 @@ def _public_callables() -> set[str]:
             obj = getattr(mod, name)
             if inspect.ismodule(obj) or not callable(obj) or name.startswith("_"):
                 continue
-            if dataclasses.is_dataclass(obj):
+            if dataclasses.is_dataclass(obj) or (inspect.isclass(obj) and issubclass(obj, tuple)):
                 continue  # result records (RefitResult, FilterStats, ...) are built by the library
             if not inspect.isclass(obj) and not inspect.signature(obj).parameters:
                 continue  # nothing to pass wrongly (compile_enabled())
