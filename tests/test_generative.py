@@ -1061,6 +1061,56 @@ def test_ddp_term_reference_and_grads_equal_single_process_over_global_batch() -
     assert term.item() > 0.05  # a non-trivial term
 
 
+def _ddp_nan_worker(rank: int, world: int, model_state, dec_state, x, y, fit_batches) -> dict:
+    """Rank 1 meets a NaN batch in ``fit`` (batch 1) and in the second GGR call."""
+    model = _dist_model()
+    model.load_state_dict(model_state)
+    dec = ReferenceDecoder.for_layer(model[0], hidden=3)
+    dec.load_state_dict(dec_state)
+    half = len(y) // world
+    local = [b[rank * half : (rank + 1) * half].clone() for b in fit_batches]
+    xl, yl = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+    bad = xl.clone()
+    if rank == 1:
+        local[1][0] = math.nan
+        bad[0] = math.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dec.fit(local, epochs=1, lr=1e-2)
+        ggr = GenerativeGradientLoss(model[0].weight, dec, ema=0.5)
+        terms = [ggr(F.cross_entropy(model(b), yl), b).detach() for b in (xl, bad)]
+    return {
+        "dec": {k: v.clone() for k, v in dec.state_dict().items()},
+        "terms": terms,
+        "average": ggr.reference_ema,
+        "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+    }
+
+
+@pytest.mark.distributed
+def test_ddp_a_nan_batch_on_one_rank_is_skipped_on_every_rank() -> None:
+    """Reference: one process over the global batches without the NaN batch."""
+    torch.manual_seed(0)
+    model = _dist_model()
+    dec = ReferenceDecoder.for_layer(model[0], hidden=3)
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    dec_state = {k: v.clone() for k, v in dec.state_dict().items()}
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 4, (8,))
+    fit_batches = [torch.rand(8, 1, 6, 6) for _ in range(3)]
+
+    results = run_distributed(_ddp_nan_worker, model_state, dec_state, x, y, fit_batches)
+
+    dec.fit([fit_batches[0], fit_batches[2]], epochs=1, lr=1e-2)
+    ggr = GenerativeGradientLoss(model[0].weight, dec, ema=0.5)
+    ggr(F.cross_entropy(model(x), y), x)
+    for r in results:
+        for k, v in dec.state_dict().items():
+            torch.testing.assert_close(r["dec"][k], v, rtol=1e-4, atol=1e-6)
+        assert r["terms"][1].item() == 0.0 and r["terms"][0].item() > 0
+        torch.testing.assert_close(r["average"], ggr.reference_ema, rtol=1e-4, atol=1e-7)
+        assert len(r["warnings"]) == 2  # one for fit, one for the GGR call, on both ranks
+
+
 def _ddp_batchnorm_worker(rank: int, world: int, state, x, y, ref) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -475,8 +475,9 @@ class GenerativeGradientLoss:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`: everything is checked first (types, the EMA's shape and
-        finiteness, consistency with ``ema``), then assigned at once; a bad or partial state
-        raises and changes nothing."""
+        finiteness, consistency with ``ema``, ``num_steps`` at most ``2**31 - 1``: a larger
+        counter is taken as a corrupted checkpoint), then assigned at once; a bad or partial
+        state raises and changes nothing."""
         who = f"{_WHO}.load_state_dict"
         state = dict(check_state_keys(state, _STATE_KEYS, who=who))
         num_steps = check_int(
