@@ -317,10 +317,9 @@ class ReferenceDecoder(nn.Module):
             n_batches = _len_or_none(loader)
             bar = _progress(None if n_batches is None else epochs * n_batches, progress)
             self.train()
-            history = [
-                self._epoch(loader, optimizer, params, batch_fn, bar, epoch)
-                for epoch in range(epochs)
-            ]
+            history = []
+            for epoch in range(epochs):
+                history.append(self._epoch(loader, optimizer, params, batch_fn, bar, epoch))
         except Exception:
             self._restore(saved)
             raise
@@ -358,7 +357,7 @@ class ReferenceDecoder(nn.Module):
                     f"{who}: non-finite reconstruction loss ({float(shared)}) in epoch {epoch}: "
                     "that batch is skipped (no update)",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=3,  # the caller of fit()
                 )
                 continue
             optimizer.step()
