@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +15,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tests.badcalls import assert_same, snapshot
 from tests.distributed import run_distributed
 from torch_recal import (
     GenerativeGradientLoss,
     ReferenceDecoder,
     first_layer_filter_stats,
 )
-from torch_recal.generative import discrepancy_fn
+from torch_recal.functional import gradient_discrepancy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,12 +222,12 @@ def _gelu_reference(
 def test_gelu_double_backward_kernel_equals_finite_differences_and_pytorch(
     approximate: str,
 ) -> None:
-    from torch_recal.functional import _gelu_double_backward
+    from torch_recal._double_backward import gelu_double_backward
 
     gen = torch.Generator().manual_seed(8)
     x = torch.linspace(-7, 7, 301, dtype=torch.float64)  # both tails and the kink region
     a, g = (torch.randn(301, generator=gen, dtype=torch.float64) for _ in range(2))
-    grad_g, grad_x = _gelu_double_backward(a, g, x, approximate)
+    grad_g, grad_x = gelu_double_backward(a, g, x, approximate)
     want_g, want_x = _gelu_reference(a, g, x, approximate)
     torch.testing.assert_close(grad_g, want_g, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad_x, want_x, rtol=1e-6, atol=1e-8)
@@ -329,7 +333,7 @@ def test_an_op_without_double_backward_raises_a_clear_error_before_any_state_cha
 
     with pytest.raises(ValueError, match="cannot be differentiated twice.*once_differentiable"):
         ggr(ce(w1), x)
-    assert (ggr.step, ggr.reference_ema, ggr.last_reference) == (0, None, None)
+    assert (ggr.num_steps, ggr.reference_ema, ggr.last_reference) == (0, None, None)
 
 
 def test_fused_attention_is_refused_with_the_fix_and_the_math_kernel_works() -> None:
@@ -342,11 +346,11 @@ def test_fused_attention_is_refused_with_the_fix_and_the_math_kernel_works() -> 
         loss = F.cross_entropy(model(x), y)
     with pytest.raises(ValueError, match=r"ScaledDotProductFlashAttention.*SDPBackend\.MATH"):
         ggr(loss, x)
-    assert ggr.step == 0
+    assert ggr.num_steps == 0
     with sdpa_kernel(SDPBackend.MATH):
         loss = F.cross_entropy(model(x), y)
     (loss + ggr(loss, x)).backward()
-    assert ggr.step == 1
+    assert ggr.num_steps == 1
     assert model.fc.weight.grad is not None and model.conv.weight.grad is not None
 
 
@@ -376,13 +380,34 @@ def test_fixed_reference_needs_no_batch_and_is_cast_to_the_target_dtype() -> Non
     assert term.item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_discrepancy_fn_hand_values() -> None:
+def test_gradient_discrepancy_hand_values() -> None:
     a = torch.tensor([3.0, 4.0])
     b = torch.tensor([4.0, -3.0])  # orthogonal
-    assert discrepancy_fn(a, b, "cosine").item() == pytest.approx(1.0)
-    assert discrepancy_fn(a, b, "l2").item() == pytest.approx((1 + 49) / 2)
-    assert discrepancy_fn(a, b, "l1").item() == pytest.approx((1 + 7) / 2)
-    assert discrepancy_fn(torch.zeros(2), b, "cosine").item() == pytest.approx(1.0)
+    assert gradient_discrepancy(a, b, "cosine").item() == pytest.approx(1.0)
+    assert gradient_discrepancy(a, b, "l2").item() == pytest.approx((1 + 49) / 2)
+    assert gradient_discrepancy(a, b, "l1").item() == pytest.approx((1 + 7) / 2)
+    assert gradient_discrepancy(torch.zeros(2), b, "cosine").item() == pytest.approx(1.0)
+    assert gradient_discrepancy(a, -2 * a).item() == pytest.approx(2.0)
+
+
+def test_gradient_discrepancy_flattens_computes_in_float32_and_returns_the_input_dtype() -> None:
+    g = torch.Generator().manual_seed(12)
+    a64, b64 = (torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    for kind in ("cosine", "l2", "l1"):
+        want = _hand_discrepancy(a64.numpy(), b64.numpy(), kind)
+        assert gradient_discrepancy(a64, b64, kind).item() == pytest.approx(want, rel=1e-12)
+        half = gradient_discrepancy(a64.half(), b64.half(), kind)
+        assert half.dtype == torch.float16
+        assert half.item() == pytest.approx(want, rel=2e-3)
+        mixed = gradient_discrepancy(a64.float(), b64.bfloat16(), kind)
+        assert mixed.dtype == torch.float32
+    assert torch.isnan(gradient_discrepancy(torch.full((2,), float("nan")), torch.ones(2)))
+
+
+def test_discrepancy_fn_is_kept_as_an_alias() -> None:
+    from torch_recal.generative import discrepancy_fn
+
+    assert discrepancy_fn is gradient_discrepancy
 
 
 def test_term_backward_reaches_every_parameter_through_double_backprop() -> None:
@@ -422,7 +447,7 @@ def test_every_applies_on_exactly_the_right_steps_and_skips_build_no_graph() -> 
             assert term.dim() == 0
     assert applied == [0, 3, 6]
     assert len(calls) == 3  # the reference is not computed on skipped steps
-    assert ggr.step == 8
+    assert ggr.num_steps == 8
 
 
 def test_ema_follows_hand_formula_over_applied_steps() -> None:
@@ -457,10 +482,10 @@ def test_state_dict_round_trip_resumes_like_an_uninterrupted_run() -> None:
     for _ in range(3):
         first(_ce(w1, w2, x, y), x)
     state = first.state_dict()
-    assert isinstance(state["step"], int)
-    assert state["step"] == 3
+    assert set(state) == {"num_steps", "num_ema_updates", "reference_ema"}
+    assert (state["num_steps"], state["num_ema_updates"]) == (3, 2)  # applied on calls 0, 2
+    assert isinstance(state["num_steps"], int)
     assert isinstance(state["reference_ema"], torch.Tensor)
-    assert all(v is None or isinstance(v, (int, float, str, torch.Tensor)) for v in state.values())
     resumed = make()
     resumed.reference = (lambda it: lambda _x: next(it))(iter(refs[2:]))
     resumed.load_state_dict(state)
@@ -468,20 +493,79 @@ def test_state_dict_round_trip_resumes_like_an_uninterrupted_run() -> None:
     assert rest == pytest.approx(values[3:], rel=1e-12)
 
 
-def test_load_state_dict_rejects_bad_state_and_changes_nothing() -> None:
-    w1, *_ = _tiny()
-    ggr = GenerativeGradientLoss(w1, torch.ones_like(w1.detach()), every=2)
-    with pytest.raises(ValueError, match="reference_ema"):
-        ggr.load_state_dict({"step": 5, "reference_ema": torch.zeros(3)})
-    with pytest.raises(ValueError, match="step"):
-        ggr.load_state_dict({"step": -1})
-    for key, bad in [("ema", "0.9"), ("ema", 1.0), ("every", 0), ("weight", -1.0),
-                     ("discrepancy", "kl")]:  # fmt: skip
-        with pytest.raises(ValueError, match=key):
-            ggr.load_state_dict({"step": 5, key: bad})
-    assert ggr.step == 0
-    assert ggr.reference_ema is None
-    assert (ggr.every, ggr.ema, ggr.weight, ggr.discrepancy) == (2, None, 0.1, "cosine")
+def _ggr_with_average() -> tuple[GenerativeGradientLoss, torch.Tensor]:
+    """A GGR with ema=0.9 after one applied step, and a copy of its running average."""
+    w1, w2, x, y = _tiny()
+    ref = torch.randn(w1.shape, dtype=torch.float64)
+    ggr = GenerativeGradientLoss(w1, lambda _x: ref, ema=0.9, every=2)
+    ggr(_ce(w1, w2, x, y), x)
+    assert ggr.reference_ema is not None
+    return ggr, ggr.reference_ema.clone()
+
+
+def test_load_state_dict_rejects_bad_or_partial_state_and_changes_nothing() -> None:
+    ggr, average = _ggr_with_average()
+    good = ggr.state_dict()
+    nan = average.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    bad_states = [
+        ({"step": 7}, ValueError),  # the old key (before 0.1) used to wipe the average
+        ({"num_steps": 7}, ValueError),  # partial
+        ({**good, "num_steps": -1}, ValueError),
+        ({**good, "num_steps": 2**40}, ValueError),
+        ({**good, "num_steps": 1.0}, TypeError),
+        ({**good, "num_ema_updates": 5}, ValueError),  # more updates than calls
+        ({**good, "reference_ema": nan}, ValueError),
+        ({**good, "reference_ema": average[:1]}, ValueError),
+        ({**good, "reference_ema": average.int()}, TypeError),
+        ({**good, "reference_ema": None}, ValueError),  # one update but no average
+        ({**good, "num_ema_updates": 0}, ValueError),  # an average but no update
+        ({**good, "every": 2}, ValueError),  # options are the constructor's, not state
+        ("num_steps", TypeError),
+    ]
+    for state, error in bad_states:
+        with pytest.raises(error):
+            ggr.load_state_dict(state)  # type: ignore[arg-type]
+        assert ggr.num_steps == 1 and ggr.num_ema_updates == 1
+        assert torch.equal(ggr.reference_ema, average)
+    no_average = GenerativeGradientLoss(ggr.target, lambda _x: average)  # ema=None
+    with pytest.raises(ValueError, match="ema=None"):
+        no_average.load_state_dict(good)
+    assert no_average.state_dict() == {"num_steps": 0, "num_ema_updates": 0, "reference_ema": None}
+    ggr.load_state_dict({**good, "reference_ema": good["reference_ema"].float()})  # cast back
+    assert ggr.reference_ema.dtype == torch.float64
+    torch.testing.assert_close(ggr.reference_ema, average, rtol=1e-6, atol=0)
+
+
+def test_step_is_a_read_only_deprecated_alias_of_num_steps() -> None:
+    ggr, _ = _ggr_with_average()
+    with pytest.warns(DeprecationWarning, match="num_steps"):
+        assert ggr.step == 1
+    with pytest.raises(AttributeError):
+        ggr.step = 5  # type: ignore[misc]
+    assert ggr.num_steps == 1
+
+
+def test_options_set_between_steps_are_checked_and_ema_none_drops_the_average() -> None:
+    ggr, average = _ggr_with_average()
+    for name, bad, error in [("every", 0, ValueError), ("every", 2.0, TypeError),
+                             ("weight", -1.0, ValueError), ("weight", float("nan"), ValueError),
+                             ("ema", 1.0, ValueError), ("ema", "0.9", TypeError),
+                             ("discrepancy", "kl", ValueError), ("eps", 0.0, ValueError),
+                             ("sync", 1, TypeError), ("fused_double_backward", "no", TypeError),
+                             ]:  # fmt: skip
+        before = getattr(ggr, name)
+        with pytest.raises(error, match=f"`{name}`"):
+            setattr(ggr, name, bad)
+        assert getattr(ggr, name) == before
+    assert torch.equal(ggr.reference_ema, average)
+    ggr.every, ggr.weight, ggr.ema = 3, 2, 0.5
+    assert (ggr.every, ggr.weight, ggr.ema) == (3, 2.0, 0.5)
+    assert isinstance(ggr.weight, float)
+    assert torch.equal(ggr.reference_ema, average)  # a new beta keeps the average
+    ggr.ema = None
+    assert (ggr.reference_ema, ggr.num_ema_updates) == (None, 0)
+    assert ggr.num_steps == 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -502,7 +586,7 @@ def test_bad_constructor_arguments_raise_clear_errors() -> None:
     with pytest.raises(TypeError, match="target"):
         GenerativeGradientLoss(nn.Conv2d(1, 2, 3), ref)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="discrepancy"):
-        GenerativeGradientLoss(w1, ref, discrepancy="kl")
+        GenerativeGradientLoss(w1, ref, discrepancy="kl")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="every"):
         GenerativeGradientLoss(w1, ref, every=0)
     with pytest.raises(ValueError, match="ema"):
@@ -511,12 +595,10 @@ def test_bad_constructor_arguments_raise_clear_errors() -> None:
         GenerativeGradientLoss(w1, 3.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="weight shape"):
         GenerativeGradientLoss(w1, ReferenceDecoder(1, 3, 3))
+    with pytest.raises(ValueError, match="finite"):
+        GenerativeGradientLoss(w1, torch.full(w1.shape, float("nan"), dtype=torch.float64))
     with pytest.raises(TypeError, match="fused_double_backward"):
         GenerativeGradientLoss(w1, ref, fused_double_backward=1)  # type: ignore[arg-type]
-    ggr = GenerativeGradientLoss(w1, ref)
-    with pytest.raises(ValueError, match="weight"):
-        ggr.weight = -1.0
-    assert ggr.weight == 0.1
 
 
 def test_bad_call_arguments_raise_and_leave_state_unchanged() -> None:
@@ -530,15 +612,191 @@ def test_bad_call_arguments_raise_and_leave_state_unchanged() -> None:
         ggr(_ce(w1, w2, x, y).detach(), x)
     with pytest.raises(ValueError, match=r"expected a tensor of the target's shape"):
         ggr(_ce(w1, w2, x, y), x)
-    assert ggr.step == 0
+    assert ggr.num_steps == 0
     assert ggr.reference_ema is None
     ggr.reference = lambda _x: torch.zeros(w1.shape, dtype=torch.float64)
     with pytest.raises(ValueError, match="does not depend on `target`"):
         ggr(_ce(other, w2, x, y), x)  # the loss never used w1
-    with pytest.raises(ValueError, match="`x`"):
+    with pytest.raises(TypeError, match="`x`"):
         ggr(_ce(w1, w2, x, y))
-    assert ggr.step == 0
+    with pytest.raises(ValueError, match="`x` must be a non-empty batch"):
+        ggr(_ce(w1, w2, x, y), x[:0])
+    with pytest.raises(TypeError, match="`scaler`"):
+        ggr(_ce(w1, w2, x, y), x, scaler=2.0**16)  # type: ignore[arg-type]
+    assert ggr.num_steps == 0
     assert ggr.reference_ema is None
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite values (docs/conventions.md, rule 3)
+
+
+def _call_recording_warnings(ggr, *args, **kwargs) -> tuple[torch.Tensor, list]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        term = ggr(*args, **kwargs)
+    return term, caught
+
+
+def test_one_nan_batch_does_not_poison_the_average_and_gives_a_zero_term() -> None:
+    """Reference: the hand EMA over the finite references only."""
+    w1, w2, x, y = _tiny(7)
+    refs = [torch.randn(w1.shape, dtype=torch.float64) for _ in range(3)]
+    it = iter(refs)
+
+    def reference(batch: torch.Tensor) -> torch.Tensor:  # NaN in, NaN out, like a decoder
+        return next(it) if torch.isfinite(batch).all() else torch.full_like(refs[0], math.nan)
+
+    nan_batch = x.clone()
+    nan_batch[0, 0, 0, 0] = math.nan
+    ggr = GenerativeGradientLoss(w1, reference, ema=0.9, weight=1.0)
+    terms = []
+    for batch in (x, nan_batch, x, x):
+        term, caught = _call_recording_warnings(ggr, _ce(w1, w2, batch, y), batch)
+        terms.append(term)
+        if batch is nan_batch:
+            assert [w.category for w in caught] == [RuntimeWarning]
+            assert "non-finite reference gradient" in str(caught[0].message)
+            assert term.item() == 0.0 and term.grad_fn is None
+        else:
+            assert not caught
+    assert (ggr.num_steps, ggr.num_ema_updates) == (4, 3)  # the NaN step counts, no update
+    r0, r1, r2 = refs
+    expected = 0.9 * (0.9 * r0 + 0.1 * r1) + 0.1 * r2
+    torch.testing.assert_close(ggr.reference_ema, expected)
+    torch.testing.assert_close(ggr.last_reference, expected)
+    with torch.no_grad():
+        g_fd = _fd_grad(lambda w: _ce(w, w2, x, y), w1)
+    want = _hand_discrepancy(g_fd, expected.numpy(), "cosine")
+    assert terms[3].item() == pytest.approx(want, rel=1e-6)
+
+
+def test_nan_batch_with_a_decoder_reference_keeps_the_average_and_the_model_finite() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(3 * 6 * 6, 3))  # fmt: skip
+    dec = ReferenceDecoder.for_layer(model[0])
+    ggr = GenerativeGradientLoss(model[0].weight, dec, ema=0.9)
+    x, y = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])
+    ggr(F.cross_entropy(model(x), y), x)
+    average = ggr.reference_ema.clone()
+    bad = x.clone()
+    bad[1] = math.nan
+    term, caught = _call_recording_warnings(ggr, F.cross_entropy(model(bad), y), bad)
+    assert term.item() == 0.0 and [w.category for w in caught] == [RuntimeWarning]
+    assert torch.equal(ggr.reference_ema, average)
+    term = ggr(F.cross_entropy(model(x), y), x)
+    assert torch.isfinite(term) and term.item() > 0
+    torch.testing.assert_close(ggr.reference_ema, 0.9 * average + 0.1 * dec.gradient(x))
+
+
+def test_non_finite_task_gradient_with_a_finite_reference_warns_and_gives_zero() -> None:
+    w1, w2, x, y = _tiny(8)
+    ggr = GenerativeGradientLoss(w1, torch.ones(w1.shape, dtype=torch.float64), ema=0.5)
+    huge = w2.detach().clone().fill_(1e308).requires_grad_()  # logits overflow: inf gradient
+    term, caught = _call_recording_warnings(ggr, _ce(w1, huge, x, y), x)
+    assert term.item() == 0.0
+    assert [w.category for w in caught] == [RuntimeWarning]
+    assert "gradient of `task_loss`" in str(caught[0].message)
+    assert (ggr.num_steps, ggr.num_ema_updates, ggr.reference_ema) == (1, 0, None)
+
+
+# ------------------------------------------------------------------------------------------
+# Mixed precision
+
+
+def _amp_net() -> nn.Sequential:
+    torch.manual_seed(13)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.GELU(), nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 3),
+    )  # fmt: skip
+
+
+def _amp_term(net, ref, dtype=None, scaler=None, scale=1.0, kind="cosine", every=1) -> float:
+    """The term of one call, the forward pass under CPU autocast in ``dtype`` (None: fp32)."""
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(14))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    ggr = GenerativeGradientLoss(net[0].weight, ref, weight=1.0, discrepancy=kind, every=every)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        loss = scale * F.cross_entropy(net(x), y)
+        term = ggr(loss, x, scaler=scaler)
+    assert term.dtype == torch.float32 and torch.isfinite(term)
+    return term.item()
+
+
+@pytest.mark.parametrize("kind", ["cosine", "l2"])
+def test_bfloat16_autocast_term_is_finite_and_close_to_float32(kind: str) -> None:
+    net = _amp_net()
+    ref = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(15))
+    want = _amp_term(net, ref, kind=kind)
+    got = _amp_term(net, ref, torch.bfloat16, kind=kind)
+    assert got == pytest.approx(want, rel=2e-2)
+    decoder = ReferenceDecoder.for_layer(net[0])  # the decoder's gradient under autocast too
+    assert _amp_term(net, decoder, torch.bfloat16) == pytest.approx(
+        _amp_term(net, decoder), rel=2e-2
+    )
+
+
+def test_grad_scaler_term_equals_the_unscaled_float32_term() -> None:
+    net = _amp_net()
+    ref = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(16))
+    for kind in ("cosine", "l2", "l1"):
+        want = _amp_term(net, ref, kind=kind)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        assert _amp_term(net, ref, scaler=scaler, kind=kind) == pytest.approx(want, rel=1e-5)
+        disabled = torch.amp.GradScaler("cpu", enabled=False)
+        assert _amp_term(net, ref, scaler=disabled, kind=kind) == pytest.approx(want, rel=1e-6)
+
+
+def test_float16_autocast_needs_the_scaler_for_small_gradients() -> None:
+    """PyTorch's AMP recipe: without the scaler the float16 gradient underflows to zero."""
+    net = _amp_net()
+    ref = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(17))
+    want = _amp_term(net, ref, scale=1e-6)  # float32: the cosine ignores the loss's scale
+    scaler = torch.amp.GradScaler("cpu")  # init_scale 2**16
+    assert _amp_term(net, ref, torch.float16, scaler, scale=1e-6) == pytest.approx(want, rel=1e-2)
+    assert _amp_term(net, ref, torch.float16, scale=1e-6) == pytest.approx(1.0)  # g_cls == 0
+
+
+def test_grad_scaler_overflow_step_returns_zero_silently_and_the_scaler_skips_it() -> None:
+    net = _amp_net()
+    decoder = ReferenceDecoder.for_layer(net[0])
+    ggr = GenerativeGradientLoss(net[0].weight, decoder, ema=0.5)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # float16 gradients overflow
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(net(x), y)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the overflow step is silent
+                term = ggr(loss, x, scaler=scaler)
+        opt.zero_grad()
+        scaler.scale(loss + term).backward()
+        scaler.step(opt)
+        scaler.update()
+        return term
+
+    before = [p.detach().clone() for p in net.parameters()]
+    term = step()
+    assert term.item() == 0.0 and term.grad_fn is None
+    assert (ggr.num_steps, ggr.num_ema_updates, ggr.reference_ema) == (1, 0, None)
+    assert scaler.get_scale() < 2.0**24  # the scaler saw the overflow and backed off
+    for p, b in zip(net.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)  # skipped optimizer step
+    applied = 0
+    for _ in range(20):  # the scaler backs off until the steps are finite, then they apply
+        applied += step().item() > 0
+        assert ggr.num_ema_updates == applied  # no update on a zero (overflow) step
+        moved = [not torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True)]
+        if any(moved):
+            break
+    else:
+        pytest.fail("the scaler never stepped")
+    assert applied >= 1
+    assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
 # ------------------------------------------------------------------------------------------
@@ -607,7 +865,7 @@ def test_decoder_bad_arguments() -> None:
         dec.fit([], epochs=1)
     with pytest.raises(ValueError, match="epochs"):
         dec.fit([torch.randn(2, 1, 8, 8)], epochs=0)
-    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+    with pytest.raises(ValueError, match=r"`loader` must yield .*\(N, 1, H, W\), got shape"):
         dec.fit([torch.randn(2, 8, 8)], epochs=1)
     with pytest.raises(TypeError, match="Conv2d"):
         ReferenceDecoder.for_layer(nn.Linear(3, 3))  # type: ignore[arg-type]
@@ -615,6 +873,115 @@ def test_decoder_bad_arguments() -> None:
         ReferenceDecoder.for_layer(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="loss"):
         ReferenceDecoder.for_layer(nn.Conv2d(1, 4, 3), loss="bce")
+
+
+def _decoder_and_batches(n: int = 3) -> tuple[ReferenceDecoder, list[torch.Tensor]]:
+    torch.manual_seed(21)
+    dec = ReferenceDecoder.for_layer(nn.Conv2d(1, 3, 3, padding=1), hidden=3)
+    g = torch.Generator().manual_seed(22)
+    return dec, [torch.rand(4, 1, 6, 6, generator=g) for _ in range(n)]
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_decoder_fit_with_batch_fn_on_dicts_equals_the_tuple_loader() -> None:
+    dec, xs = _decoder_and_batches()
+    start = _weights(dec)
+    tuples = [(x, torch.zeros(4)) for x in xs]
+    want = dec.fit(tuples, epochs=2, lr=1e-2)
+    after_tuples = _weights(dec)
+    for batch_fn, loader in [
+        (lambda b: b["pixel_values"], [{"pixel_values": x, "labels": 0} for x in xs]),
+        (lambda b: (b.x, b.y), [type("Batch", (), {"x": x, "y": 0})() for x in xs]),  # a pair
+    ]:
+        dec.load_state_dict(start)
+        assert dec.fit(loader, epochs=2, lr=1e-2, batch_fn=batch_fn) == want
+        _assert_same_weights(_weights(dec), after_tuples)
+
+
+def test_decoder_fit_skips_a_nan_batch_like_a_fit_without_it() -> None:
+    """Reference: the same fit over the loader without the NaN batch (Adam's step count too)."""
+    dec, xs = _decoder_and_batches()
+    start = _weights(dec)
+    want = dec.fit(xs, epochs=2, lr=1e-2)
+    after_clean = _weights(dec)
+    dec.load_state_dict(start)
+    nan = torch.full_like(xs[0], math.nan)
+    with pytest.warns(RuntimeWarning, match="non-finite reconstruction loss"):
+        got = dec.fit([xs[0], nan, xs[1], xs[2]], epochs=2, lr=1e-2)
+    assert got == want
+    _assert_same_weights(_weights(dec), after_clean)
+    assert all(torch.isfinite(p).all() for p in dec.parameters())
+
+
+def test_decoder_fit_errors_put_the_decoder_and_optimizer_back() -> None:
+    dec, xs = _decoder_and_batches()
+    opt = torch.optim.Adam(dec.parameters(), lr=1e-2)
+    dec.fit(xs[:1], optimizer=opt)  # the optimizer has state now
+    start, opt_state = _weights(dec), copy.deepcopy(opt.state_dict())
+    grads = [p.grad.clone() for p in dec.parameters()]
+
+    class OncePerLife:
+        """Re-iterable, but empty on its second pass."""
+
+        def __init__(self) -> None:
+            self.used = False
+
+        def __iter__(self):
+            batches = [] if self.used else xs
+            self.used = True
+            return iter(batches)
+
+    bad_loaders = [
+        ([xs[0], xs[1], torch.randn(4, 2, 6, 6)], 1, "`loader` must yield"),  # third batch
+        ([xs[0], xs[1][:0]], 1, "at least one sample"),  # a zero-size batch
+        ([xs[0], (xs[1], 0, 0)], 1, "`batch_fn=`"),  # a 3-tuple: the hint
+        ([xs[0], {"x": xs[1]}], 1, "`batch_fn=`"),
+        ([torch.full_like(xs[0], math.nan)], 1, "every batch of epoch 0"),
+        (OncePerLife(), 2, "no batches in epoch 1"),
+    ]
+    for loader, epochs, message in bad_loaders:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with pytest.raises((TypeError, ValueError), match=message):
+                dec.fit(loader, epochs=epochs, optimizer=opt)
+        _assert_same_weights(_weights(dec), start)
+        assert all(torch.equal(p.grad, g) for p, g in zip(dec.parameters(), grads, strict=True))
+        assert_same(snapshot(opt), ("optimizer", opt_state))
+        assert dec.training
+
+
+def test_decoder_fit_refuses_a_generator_for_several_epochs_before_training() -> None:
+    dec, xs = _decoder_and_batches()
+    start = _weights(dec)
+    gen = (x for x in xs)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        dec.fit(gen, epochs=2)
+    _assert_same_weights(_weights(dec), start)
+    assert torch.equal(next(gen), xs[0])  # not consumed
+    assert len(dec.fit(gen, epochs=1)) == 1  # one epoch is fine
+
+
+def test_decoder_gradient_and_forward_check_their_batch() -> None:
+    dec, xs = _decoder_and_batches()
+    for bad, error, message in [
+        (xs[0][:0], ValueError, "at least one sample"),
+        (xs[0][0], ValueError, r"\(N, 1, H, W\), got shape \(1, 6, 6\)"),
+        (xs[0].long(), TypeError, "dtype torch.int64"),
+        (xs[0].tolist(), TypeError, "got list"),
+    ]:
+        with pytest.raises(error, match=message):
+            dec.gradient(bad)
+        with pytest.raises(error, match=message):
+            dec(bad)
 
 
 def test_first_layer_filter_stats_matches_numpy_and_finds_first_conv() -> None:
@@ -692,6 +1059,56 @@ def test_ddp_term_reference_and_grads_equal_single_process_over_global_batch() -
             torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(results[0]["term"], results[1]["term"], rtol=0, atol=0)
     assert term.item() > 0.05  # a non-trivial term
+
+
+def _ddp_nan_worker(rank: int, world: int, model_state, dec_state, x, y, fit_batches) -> dict:
+    """Rank 1 meets a NaN batch in ``fit`` (batch 1) and in the second GGR call."""
+    model = _dist_model()
+    model.load_state_dict(model_state)
+    dec = ReferenceDecoder.for_layer(model[0], hidden=3)
+    dec.load_state_dict(dec_state)
+    half = len(y) // world
+    local = [b[rank * half : (rank + 1) * half].clone() for b in fit_batches]
+    xl, yl = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+    bad = xl.clone()
+    if rank == 1:
+        local[1][0] = math.nan
+        bad[0] = math.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dec.fit(local, epochs=1, lr=1e-2)
+        ggr = GenerativeGradientLoss(model[0].weight, dec, ema=0.5)
+        terms = [ggr(F.cross_entropy(model(b), yl), b).detach() for b in (xl, bad)]
+    return {
+        "dec": {k: v.clone() for k, v in dec.state_dict().items()},
+        "terms": terms,
+        "average": ggr.reference_ema,
+        "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+    }
+
+
+@pytest.mark.distributed
+def test_ddp_a_nan_batch_on_one_rank_is_skipped_on_every_rank() -> None:
+    """Reference: one process over the global batches without the NaN batch."""
+    torch.manual_seed(0)
+    model = _dist_model()
+    dec = ReferenceDecoder.for_layer(model[0], hidden=3)
+    model_state = {k: v.clone() for k, v in model.state_dict().items()}
+    dec_state = {k: v.clone() for k, v in dec.state_dict().items()}
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 4, (8,))
+    fit_batches = [torch.rand(8, 1, 6, 6) for _ in range(3)]
+
+    results = run_distributed(_ddp_nan_worker, model_state, dec_state, x, y, fit_batches)
+
+    dec.fit([fit_batches[0], fit_batches[2]], epochs=1, lr=1e-2)
+    ggr = GenerativeGradientLoss(model[0].weight, dec, ema=0.5)
+    ggr(F.cross_entropy(model(x), y), x)
+    for r in results:
+        for k, v in dec.state_dict().items():
+            torch.testing.assert_close(r["dec"][k], v, rtol=1e-4, atol=1e-6)
+        assert r["terms"][1].item() == 0.0 and r["terms"][0].item() > 0
+        torch.testing.assert_close(r["average"], ggr.reference_ema, rtol=1e-4, atol=1e-7)
+        assert len(r["warnings"]) == 2  # one for fit, one for the GGR call, on both ranks
 
 
 def _ddp_batchnorm_worker(rank: int, world: int, state, x, y, ref) -> dict:

@@ -101,8 +101,42 @@ def _bad_values(value: Any) -> list[Any]:
 # --------------------------------------------------------------------------- NormalEquations
 # (S1)
 
+
 # --------------------------------------------------------------------------- GenerativeGradientLoss
 # (S2)
+class GenerativeGradientLossWorld(World):
+    """A tiny conv net refined with CE + GGR: a decoder reference, ``ema=0.5``, ``every=2``
+    (applied on steps 0, 2, 4: the resumed half starts between two applied steps)."""
+
+    @classmethod
+    def build(cls, seed: int) -> GenerativeGradientLossWorld:
+        from torch_recal import GenerativeGradientLoss, ReferenceDecoder
+
+        world = cls()
+        world.seed = seed
+        torch.manual_seed(seed)
+        world.model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
+            torch.nn.Linear(3 * 6 * 6, 3),
+        )  # fmt: skip
+        decoder = ReferenceDecoder.for_layer(world.model[0])  # seeded: the same in every build
+        world.optimizer = torch.optim.SGD(world.model.parameters(), lr=0.1, momentum=0.9)
+        world.piece = GenerativeGradientLoss(
+            world.model[0].weight, decoder, weight=1.0, ema=0.5, every=2
+        )
+        return world
+
+    def advance(self, i: int) -> None:
+        g = torch.Generator().manual_seed(1000 * self.seed + i)
+        x, y = torch.randn(4, 1, 6, 6, generator=g), torch.randint(0, 3, (4,), generator=g)
+        loss = torch.nn.functional.cross_entropy(self.model(x), y)
+        loss = loss + self.piece(loss, x)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+
+WORLDS.append(GenerativeGradientLossWorld)
 
 
 # --------------------------------------------------------------------------- the protocol

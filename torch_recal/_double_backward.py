@@ -1,35 +1,40 @@
-"""Double-backprop helpers for :class:`~torch_recal.GenerativeGradientLoss`.
+"""Double-backprop helpers for :class:`~torch_recal.GenerativeGradientLoss` (private).
 
 **Fused double backwards for train-mode batch norm and GELU.** PyTorch differentiates batch
 norm's backward (``native_batch_norm_backward``) and GELU's (``gelu_backward``) with eager
 composites of elementwise and reduction ops (``batchnorm_double_backward``,
 ``gelu_double_backward``), one full-size temporary per op. In a GGR step of ResNet-20 on CPU,
-batch norm's was the largest single cost (``python benchmarks/bench_ggr.py --profile``). The
-fused kernels shorten GGR steps of ResNet-20 and of a small ViT (``bench_ggr.py``,
-``bench_ggr.py --model vit``; the figures are on the GGR method card).
+batch norm's was the largest single cost (``python benchmarks/bench_ggr.py --profile``; the
+figures are on the GGR method card, beside their commands).
 :func:`fused_double_backward` is a context manager around the ``create_graph=True`` gradient
 call. It puts a hook on every train-mode batch-norm node and every GELU node of the graph
 below ``root``; when such a node runs with ``create_graph=True`` (and, for batch norm, produces
 only the input gradient), the hook keeps the value PyTorch computed and gives it an autograd
-node whose backward is the hand-derived formula of :mod:`torch_recal.functional`
-(``_batch_norm_double_backward``: one reduction and one elementwise sweep;
-``_gelu_double_backward``: one elementwise sweep), compiled under the library's policy
-(:mod:`torch_recal._compile`). The hooks are removed when the block exits, also on error. Nodes
-it does not handle (eval-mode batch norm, a pass that also asks for the batch norm's weight or
-bias gradients, cuDNN/MIOpen batch norm, ``SyncBatchNorm``) keep PyTorch's formula. Nothing
-about the user's model changes; the values are PyTorch's to round-off (tested in float64
-against PyTorch's own formulas and against finite differences).
+node whose backward is the hand-derived formula of this module
+(:func:`batch_norm_double_backward`: one reduction and one elementwise sweep;
+:func:`gelu_double_backward`: one elementwise sweep), compiled under the library's policy
+(:mod:`torch_recal._compile`; ``*_kernel`` are the compiled twins). The hooks are removed when
+the block exits, also on error. Nodes it does not handle (eval-mode batch norm, a pass that
+also asks for the batch norm's weight or bias gradients, cuDNN/MIOpen batch norm,
+``SyncBatchNorm``) keep PyTorch's formula. Nothing about the user's model changes; the values
+are PyTorch's to round-off (tested in float64 against PyTorch's own formulas and against
+finite differences).
 
 **An early, clear error** (:func:`raise_if_not_twice_differentiable`) when the gradient
 made with ``create_graph=True`` holds an op that PyTorch cannot differentiate again (fused
 scaled-dot-product attention kernels, ``once_differentiable`` Functions): without it the
 user's ``(loss + term).backward()`` fails later with PyTorch's terse message.
+
+The names in ``__all__`` are this module's internal seam: the tests (``tests/
+test_generative.py``, ``tests/test_compile.py``) call the formulas and their compiled twins
+directly; they are not part of the public API and may change without notice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,12 +42,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from torch_recal.functional import (
-    _batch_norm_double_backward_kernel,
-    _gelu_double_backward_kernel,
-)
+from torch_recal._compile import lazy_compile
 
-__all__ = ["fused_double_backward", "raise_if_not_twice_differentiable"]
+__all__ = [
+    "batch_norm_double_backward",
+    "batch_norm_double_backward_kernel",
+    "fused_double_backward",
+    "gelu_double_backward",
+    "gelu_double_backward_kernel",
+    "raise_if_not_twice_differentiable",
+]
 
 # Autograd nodes of train-mode batch norm whose saved tensors are ``input``, ``weight``,
 # ``result1`` (the batch mean) and ``result2`` (the batch's 1/sqrt(var + eps)) and whose
@@ -66,6 +75,95 @@ _FUSED_ATTENTION = (
 )
 
 
+# --- the hand-derived double backwards (eager formulas and their compiled twins)
+
+
+def batch_norm_double_backward(
+    a: Tensor, g: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Vector-Jacobian product of train-mode batch norm's input gradient, hand-derived.
+
+    Per channel, over its ``m = N * prod(spatial)`` elements, with ``r = invstd``,
+    ``xhat = (x - mean) r`` and ``P(v) = v - mean(v) - xhat mean(v xhat)`` (the projection
+    that removes the span of ``1`` and ``xhat``), batch norm's input gradient is
+    ``dx = weight r P(g)``. For a cotangent ``a`` of ``dx``, with ``q = <P(a), g>``:
+
+    * ``d<a, dx>/dg = weight r P(a)``
+    * ``d<a, dx>/dweight = r q``
+    * ``d<a, dx>/dx = -(weight r^2 / m) (xhat q + <a, xhat> P(g) + <g, xhat> P(a))``
+
+    (``mean`` and ``invstd`` are the batch's own, so their dependence on ``x`` is included).
+    The same values as PyTorch's ``batchnorm_double_backward``, but one reduction sweep and
+    one elementwise sweep when compiled; returned in the compute dtype (float32 or float64).
+    """
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    a, g, x = a.to(cdt), g.to(cdt), x.to(cdt)
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    dims = [0, *range(2, x.ndim)]
+    m = x.numel() // x.shape[1]
+    r, w = invstd.to(cdt).view(view), weight.to(cdt).view(view)
+    xc = x - mean.to(cdt).view(view)
+    sum_a, sum_g = a.sum(dims, keepdim=True), g.sum(dims, keepdim=True)
+    s_a = (a * xc).sum(dims, keepdim=True) * r  # <a, xhat>
+    s_g = (g * xc).sum(dims, keepdim=True) * r  # <g, xhat>
+    q = (a * g).sum(dims, keepdim=True) - (sum_a * sum_g + s_a * s_g) / m
+    c = -w * r * r / m
+    grad_x = (
+        (c * (q - 2.0 * s_a * s_g / m) * r) * xc
+        + (c * s_a) * g
+        + (c * s_g) * a
+        - c * (s_a * sum_g + s_g * sum_a) / m
+    )
+    grad_g = (w * r) * (a - sum_a / m - (s_a * r / m) * xc)
+    return grad_g, grad_x, (r * q).reshape(-1)
+
+
+batch_norm_double_backward_kernel = lazy_compile(batch_norm_double_backward)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_TANH_CUBIC = 0.044715
+
+
+def gelu_double_backward(
+    a: Tensor, g: Tensor, x: Tensor, approximate: str
+) -> tuple[Tensor, Tensor]:
+    """Vector-Jacobian product of GELU's input gradient ``dx = g * gelu'(x)``, hand-derived.
+
+    For a cotangent ``a`` of ``dx``: ``d<a, dx>/dg = a gelu'(x)`` (PyTorch's own
+    ``gelu_backward(a, x)``: ``dx`` is linear in ``g``) and ``d<a, dx>/dx = a g gelu''(x)``, with
+
+    * ``approximate="none"``, ``gelu(x) = x Phi(x)``: ``gelu'' = phi(x) (2 - x^2)``
+      (``Phi``, ``phi``: the standard normal cdf and pdf);
+    * ``approximate="tanh"``, ``gelu(x) = x (1 + tanh u) / 2`` with
+      ``u = sqrt(2/pi) (x + 0.044715 x^3)``:
+      ``gelu'' = sech^2(u) (u' + x u'' / 2 - x tanh(u) u'^2)``.
+
+    The same values as PyTorch's ``gelu_double_backward``, but one elementwise sweep when
+    compiled; returned in the compute dtype (float32 or float64).
+    """
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    a, g, x = a.to(cdt), g.to(cdt), x.to(cdt)
+    grad_g = torch.ops.aten.gelu_backward(a, x, approximate=approximate)
+    x2 = x * x
+    if approximate == "tanh":
+        u = _SQRT_2_OVER_PI * x * (1.0 + _GELU_TANH_CUBIC * x2)
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * x2)
+        d2u = (6.0 * _SQRT_2_OVER_PI * _GELU_TANH_CUBIC) * x
+        sech2 = torch.cosh(u).reciprocal().square()  # not 1 - tanh^2: no cancellation
+        second = sech2 * (du + 0.5 * x * d2u - x * torch.tanh(u) * du * du)
+    else:
+        second = (_INV_SQRT_2PI * (2.0 - x2)) * torch.exp(-0.5 * x2)
+    return grad_g, a * g * second
+
+
+gelu_double_backward_kernel = lazy_compile(gelu_double_backward)
+
+
+# --- the autograd nodes that carry them
+
+
 class _BatchNormInputGrad(torch.autograd.Function):
     """Identity on the value of batch norm's input gradient; backward: the fused formula."""
 
@@ -87,7 +185,7 @@ class _BatchNormInputGrad(torch.autograd.Function):
     def backward(ctx: Any, a: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         g, x, weight, mean, invstd = ctx.saved_tensors
         w = weight if weight is not None else torch.ones_like(invstd)
-        grad_g, grad_x, grad_w = _batch_norm_double_backward_kernel(a, g, x, mean, invstd, w)
+        grad_g, grad_x, grad_w = batch_norm_double_backward_kernel(a, g, x, mean, invstd, w)
         _, need_g, need_x, need_w, _, _ = ctx.needs_input_grad
         return (
             None,
@@ -114,7 +212,7 @@ class _GeluInputGrad(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, a: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         g, x = ctx.saved_tensors
-        grad_g, grad_x = _gelu_double_backward_kernel(a, g, x, ctx.approximate)
+        grad_g, grad_x = gelu_double_backward_kernel(a, g, x, ctx.approximate)
         _, need_g, need_x, _ = ctx.needs_input_grad
         return (
             None,

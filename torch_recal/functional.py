@@ -8,15 +8,17 @@ constants) and then runs one elementwise kernel, compiled under the library's po
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from torch_recal._checks import check_choice, check_real, check_tensor
 from torch_recal._compile import lazy_compile
 
 __all__ = [
     "coherence_statistics",
+    "gradient_discrepancy",
     "response_calibration",
     "response_calibration_residual",
     "soft_threshold_",
@@ -372,87 +374,68 @@ def soft_threshold_(tensors: list[Tensor], threshold: float) -> None:
         torch._foreach_mul_(tensors, signs)
 
 
-# --- batch norm's double backward (GenerativeGradientLoss, via torch_recal._double_backward)
+# --- generative gradient regularisation (torch_recal.generative) ----------------------------
+
+_DISCREPANCIES = ("cosine", "l2", "l1")
 
 
-def _batch_norm_double_backward(
-    a: Tensor, g: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Vector-Jacobian product of train-mode batch norm's input gradient, hand-derived.
+def gradient_discrepancy(
+    grad: Tensor,
+    reference: Tensor,
+    kind: Literal["cosine", "l2", "l1"] = "cosine",
+    eps: float = 1e-12,
+) -> Tensor:
+    """The discrepancy ``D(grad, reference)`` that GGR minimises, on the flattened tensors.
 
-    Per channel, over its ``m = N * prod(spatial)`` elements, with ``r = invstd``,
-    ``xhat = (x - mean) r`` and ``P(v) = v - mean(v) - xhat mean(v xhat)`` (the projection
-    that removes the span of ``1`` and ``xhat``), batch norm's input gradient is
-    ``dx = weight r P(g)``. For a cotangent ``a`` of ``dx``, with ``q = <P(a), g>``:
+    * ``"cosine"`` (default): ``1 - <a, b> / max(|a| |b|, eps)``, in ``[0, 2]``, invariant to
+      the scale of either (a zero tensor gives 1);
+    * ``"l2"``: ``mean((a - b)^2)``;
+    * ``"l1"``: ``mean(|a - b|)``.
 
-    * ``d<a, dx>/dg = weight r P(a)``
-    * ``d<a, dx>/dweight = r q``
-    * ``d<a, dx>/dx = -(weight r^2 / m) (xhat q + <a, xhat> P(g) + <g, xhat> P(a))``
+    Differentiable (the term of :class:`~torch_recal.GenerativeGradientLoss` is
+    ``weight * gradient_discrepancy(g_cls, g_ref, kind)``). Computed in at least float32 and
+    returned in the promoted dtype of the inputs. Like a PyTorch op it checks shapes and
+    dtypes, not values (NaN in, NaN out).
 
-    (``mean`` and ``invstd`` are the batch's own, so their dependence on ``x`` is included).
-    The same values as PyTorch's ``batchnorm_double_backward``, but one reduction sweep and
-    one elementwise sweep when compiled; returned in the compute dtype (float32 or float64).
+    Paper: Reza & Jung, IEEE Access 2025, https://doi.org/10.1109/ACCESS.2025.3534216
+
+    Args:
+        grad: a gradient (e.g. of the task loss with respect to the first conv's weight).
+        reference: the reference gradient, same shape as ``grad``.
+        kind: ``"cosine"``, ``"l2"`` or ``"l1"``.
+        eps: floor of the norm product in the cosine (> 0).
+
+    Returns:
+        A scalar tensor.
+
+    Example:
+        >>> import torch
+        >>> from torch_recal.functional import gradient_discrepancy
+        >>> a = torch.tensor([1.0, 0.0])
+        >>> gradient_discrepancy(a, -3 * a).item(), gradient_discrepancy(a, 2 - 2 * a).item()
+        (2.0, 1.0)
+        >>> gradient_discrepancy(a, torch.tensor([0.0, 2.0]), "l2").item()
+        2.5
     """
-    cdt = torch.promote_types(x.dtype, torch.float32)
-    a, g, x = a.to(cdt), g.to(cdt), x.to(cdt)
-    view = (1, -1) + (1,) * (x.ndim - 2)
-    dims = [0, *range(2, x.ndim)]
-    m = x.numel() // x.shape[1]
-    r, w = invstd.to(cdt).view(view), weight.to(cdt).view(view)
-    xc = x - mean.to(cdt).view(view)
-    sum_a, sum_g = a.sum(dims, keepdim=True), g.sum(dims, keepdim=True)
-    s_a = (a * xc).sum(dims, keepdim=True) * r  # <a, xhat>
-    s_g = (g * xc).sum(dims, keepdim=True) * r  # <g, xhat>
-    q = (a * g).sum(dims, keepdim=True) - (sum_a * sum_g + s_a * s_g) / m
-    c = -w * r * r / m
-    grad_x = (
-        (c * (q - 2.0 * s_a * s_g / m) * r) * xc
-        + (c * s_a) * g
-        + (c * s_g) * a
-        - c * (s_a * sum_g + s_g * sum_a) / m
-    )
-    grad_g = (w * r) * (a - sum_a / m - (s_a * r / m) * xc)
-    return grad_g, grad_x, (r * q).reshape(-1)
-
-
-_batch_norm_double_backward_kernel = lazy_compile(_batch_norm_double_backward)
-
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_GELU_TANH_CUBIC = 0.044715
-
-
-def _gelu_double_backward(
-    a: Tensor, g: Tensor, x: Tensor, approximate: str
-) -> tuple[Tensor, Tensor]:
-    """Vector-Jacobian product of GELU's input gradient ``dx = g * gelu'(x)``, hand-derived.
-
-    For a cotangent ``a`` of ``dx``: ``d<a, dx>/dg = a gelu'(x)`` (PyTorch's own
-    ``gelu_backward(a, x)``: ``dx`` is linear in ``g``) and ``d<a, dx>/dx = a g gelu''(x)``, with
-
-    * ``approximate="none"``, ``gelu(x) = x Phi(x)``: ``gelu'' = phi(x) (2 - x^2)``
-      (``Phi``, ``phi``: the standard normal cdf and pdf);
-    * ``approximate="tanh"``, ``gelu(x) = x (1 + tanh u) / 2`` with
-      ``u = sqrt(2/pi) (x + 0.044715 x^3)``:
-      ``gelu'' = sech^2(u) (u' + x u'' / 2 - x tanh(u) u'^2)``.
-
-    The same values as PyTorch's ``gelu_double_backward``, but one elementwise sweep when
-    compiled; returned in the compute dtype (float32 or float64).
-    """
-    cdt = torch.promote_types(x.dtype, torch.float32)
-    a, g, x = a.to(cdt), g.to(cdt), x.to(cdt)
-    grad_g = torch.ops.aten.gelu_backward(a, x, approximate=approximate)
-    x2 = x * x
-    if approximate == "tanh":
-        u = _SQRT_2_OVER_PI * x * (1.0 + _GELU_TANH_CUBIC * x2)
-        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * x2)
-        d2u = (6.0 * _SQRT_2_OVER_PI * _GELU_TANH_CUBIC) * x
-        sech2 = torch.cosh(u).reciprocal().square()  # not 1 - tanh^2: no cancellation
-        second = sech2 * (du + 0.5 * x * d2u - x * torch.tanh(u) * du * du)
+    fn = "gradient_discrepancy"
+    for name, t in (("grad", grad), ("reference", reference)):
+        check_tensor(t, name, who=fn, floating=True)
+    if reference.shape != grad.shape:
+        raise ValueError(
+            f"{fn}: `reference` must have the shape of `grad` {tuple(grad.shape)}, got "
+            f"{tuple(reference.shape)}"
+        )
+    if grad.numel() == 0:
+        raise ValueError(f"{fn}: `grad` must be non-empty, got shape {tuple(grad.shape)}")
+    kind = check_choice(kind, "kind", _DISCREPANCIES, who=fn)  # type: ignore[assignment]
+    eps = check_real(eps, "eps", who=fn, minimum=0, open_low=True)
+    out_dtype = torch.promote_types(grad.dtype, reference.dtype)
+    cdt = torch.promote_types(out_dtype, torch.float32)
+    a, b = grad.reshape(-1).to(cdt), reference.reshape(-1).to(cdt)
+    if kind == "cosine":
+        out = 1.0 - (a * b).sum() / (a.norm() * b.norm()).clamp_min(eps)
+    elif kind == "l2":
+        out = (a - b).pow(2).mean()
     else:
-        second = (_INV_SQRT_2PI * (2.0 - x2)) * torch.exp(-0.5 * x2)
-    return grad_g, a * g * second
-
-
-_gelu_double_backward_kernel = lazy_compile(_gelu_double_backward)
+        out = (a - b).abs().mean()
+    return out.to(out_dtype)

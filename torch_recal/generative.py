@@ -16,30 +16,63 @@ the distributed semantics) is this library's choice, exposed as an option with a
                                           create_graph=True (double backprop)
     g_ref = d L_rec(x) / d W_dec          W_dec: the decoder's last ConvTranspose2d
                                           weight, same shape (C1, in, k, k); detached
-    term  = weight * D(g_cls, g_ref)      D: "cosine" (1 - cos), "l2" (mean squared
-                                          difference) or "l1" (mean absolute difference)
+    term  = weight * D(g_cls, g_ref)      D: torch_recal.functional.gradient_discrepancy,
+                                          "cosine" (1 - cos), "l2" or "l1"
 
 Under ``torch.distributed`` (DDP) the term equals the one a single process computes over
-the global batch (see :class:`GenerativeGradientLoss`).
+the global batch; under mixed precision it takes a ``torch.amp.GradScaler`` (see
+:class:`GenerativeGradientLoss`). The decoder lives in :mod:`torch_recal.decoder`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
 
 from torch_recal import _dist
 from torch_recal import _double_backward as _db
+from torch_recal._checks import (
+    check_choice,
+    check_finite_tensor,
+    check_flag,
+    check_instance,
+    check_int,
+    check_optional_real,
+    check_real,
+    check_state_keys,
+    check_tensor,
+)
+from torch_recal.decoder import ReferenceDecoder
+from torch_recal.functional import gradient_discrepancy
 
 __all__ = ["FilterStats", "GenerativeGradientLoss", "ReferenceDecoder", "first_layer_filter_stats"]
 
-_DISCREPANCIES = ("cosine", "l2", "l1")
-_REC_LOSSES = ("mse", "l1")
+Discrepancy = Literal["cosine", "l2", "l1"]
+_WHO = "GenerativeGradientLoss"
+# A sanity bound on the saved call counter (over two billion calls): a larger value in a
+# checkpoint is taken as corrupted.
+_MAX_STEPS = 2**31 - 1
+_STATE_KEYS = ("num_steps", "num_ema_updates", "reference_ema")
+
+# The options that may be set between steps, each checked on every assignment.
+_OPTIONS: dict[str, Callable[[Any], Any]] = {
+    "discrepancy": lambda v: check_choice(v, "discrepancy", get_args(Discrepancy), who=_WHO),
+    "weight": lambda v: check_real(v, "weight", who=_WHO, minimum=0),
+    "ema": lambda v: check_optional_real(v, "ema", who=_WHO, minimum=0, maximum=1, open_high=True),
+    "every": lambda v: check_int(v, "every", who=_WHO, minimum=1),
+    "eps": lambda v: check_real(v, "eps", who=_WHO, minimum=0, open_low=True),
+    "sync": lambda v: check_flag(v, "sync", who=_WHO),
+    "fused_double_backward": lambda v: check_flag(v, "fused_double_backward", who=_WHO),
+}
+
+# Deprecated alias (before 0.1): the discrepancy is the public functional form
+# :func:`torch_recal.functional.gradient_discrepancy`.
+discrepancy_fn = gradient_discrepancy
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,18 +121,12 @@ def first_layer_filter_stats(layer: nn.Module | Tensor) -> FilterStats:
         >>> stats.variance.tolist(), stats.norm.tolist()
         ([0.0, 1.0], [2.0, 2.8284270763397217])
     """
-    if isinstance(layer, Tensor):
-        weight = layer
-    elif isinstance(layer, nn.Module):
-        weight = _first_conv(layer, "first_layer_filter_stats").weight
-    else:
-        raise TypeError(
-            "first_layer_filter_stats: `layer` must be an nn.Module or a weight tensor, got "
-            f"{type(layer).__name__}"
-        )
-    if weight.dim() < 2:
+    who = "first_layer_filter_stats"
+    check_instance(layer, "layer", (nn.Module, Tensor), who=who, what="an nn.Module or a Tensor")
+    weight = layer if isinstance(layer, Tensor) else _first_conv(layer, who).weight
+    if weight.dim() < 2 or weight.numel() == 0:
         raise ValueError(
-            "first_layer_filter_stats: expected a weight of shape (C_out, C_in, *kernel), got "
+            f"{who}: `layer` must be a non-empty weight of shape (C_out, C_in, *kernel), got "
             f"shape {tuple(weight.shape)}"
         )
     w = weight.detach().flatten(1).float()
@@ -110,268 +137,7 @@ def _first_conv(model: nn.Module, who: str) -> nn.Conv2d:
     for module in model.modules():  # the model itself first
         if isinstance(module, nn.Conv2d):
             return module
-    raise ValueError(f"{who}: `{type(model).__name__}` contains no nn.Conv2d")
-
-
-# --------------------------------------------------------------------------------------------
-# Reference decoder
-
-
-class ReferenceDecoder(nn.Module):
-    """A small conv autoencoder whose last layer mirrors a classifier's first conv.
-
-    ``encoder``: ``Conv2d(in, hidden, k, stride, padding)`` (the geometry of the mirrored
-    conv) + ReLU + ``Conv2d(hidden, hidden, 3, padding=1)`` + ReLU; ``decoder``:
-    ``Conv2d(hidden, C1, 3, padding=1)`` + ReLU + ``out = ConvTranspose2d(C1, in, k, stride,
-    padding)``. The weight of ``out`` has shape ``(C1, in, k, k)``, the shape of the mirrored
-    conv's weight, so the gradient the reconstruction loss gives it (:meth:`gradient`) is the
-    reference gradient of :class:`GenerativeGradientLoss`. The reconstruction has the input's
-    spatial size (the transposed conv is told the output size, so odd sizes with stride > 1
-    work). The architecture is INFERRED (the paper's is not public).
-
-    Build it with :meth:`for_layer`, train it with :meth:`fit`.
-
-    Paper: Reza & Jung, IEEE Access 2025, https://doi.org/10.1109/ACCESS.2025.3534216
-
-    Args:
-        in_channels: image channels (the mirrored conv's input channels).
-        out_channels: the mirrored conv's output channels ``C1``.
-        kernel_size: the mirrored conv's kernel size.
-        stride: its stride.
-        padding: its padding (an int or a pair; string paddings are not supported).
-        dilation: its dilation.
-        hidden: width of the autoencoder's inner layers (default ``out_channels``).
-        loss: reconstruction loss, ``"mse"`` (default) or ``"l1"`` (mean over all elements).
-        device: where to create the parameters.
-        dtype: parameter dtype.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> from torch_recal import ReferenceDecoder
-        >>> conv = nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False)
-        >>> dec = ReferenceDecoder.for_layer(conv)
-        >>> dec.out.weight.shape == conv.weight.shape
-        True
-        >>> x = torch.randn(2, 3, 33, 33)
-        >>> dec(x).shape, dec.gradient(x).shape
-        (torch.Size([2, 3, 33, 33]), torch.Size([16, 3, 7, 7]))
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        *,
-        hidden: int | None = None,
-        loss: str = "mse",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            _check_positive_int("ReferenceDecoder", name, value)
-        hidden = out_channels if hidden is None else hidden
-        _check_positive_int("ReferenceDecoder", "hidden", hidden)
-        if isinstance(padding, str):
-            raise ValueError(
-                f"ReferenceDecoder: `padding` must be an int or a pair of ints, got {padding!r}"
-            )
-        if loss not in _REC_LOSSES:
-            raise ValueError(f"ReferenceDecoder: `loss` must be one of {_REC_LOSSES}, got {loss!r}")
-        self.loss = loss
-        f: dict[str, Any] = {"device": device, "dtype": dtype}
-        geometry: dict[str, Any] = {"stride": stride, "padding": padding, "dilation": dilation}
-        self.encoder = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, kernel_size, **geometry, **f),
-            nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 3, padding=1, **f),
-            nn.ReLU(),
-        )
-        self.decoder = nn.Sequential(nn.Conv2d(hidden, out_channels, 3, padding=1, **f), nn.ReLU())
-        self.out = nn.ConvTranspose2d(out_channels, in_channels, kernel_size, **geometry, **f)
-
-    @classmethod
-    def for_layer(
-        cls,
-        conv: nn.Conv2d,
-        *,
-        hidden: int | None = None,
-        loss: str = "mse",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> ReferenceDecoder:
-        """Build a decoder whose last layer mirrors ``conv`` (same weight shape and geometry).
-
-        Args:
-            conv: the classifier's first ``nn.Conv2d`` (``groups=1``, numeric padding).
-            hidden: width of the inner layers (default ``conv.out_channels``).
-            loss: reconstruction loss, ``"mse"`` or ``"l1"``.
-            device: default: the device of ``conv.weight``.
-            dtype: default: the dtype of ``conv.weight``.
-
-        Example:
-            >>> from torch import nn
-            >>> from torch_recal import ReferenceDecoder
-            >>> ReferenceDecoder.for_layer(nn.Conv2d(1, 8, 3, padding=1)).out
-            ConvTranspose2d(8, 1, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
-        """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(
-                "ReferenceDecoder.for_layer: `conv` must be an nn.Conv2d, got "
-                f"{type(conv).__name__}"
-            )
-        if conv.groups != 1:
-            raise ValueError(
-                f"ReferenceDecoder.for_layer: `conv` must have groups=1, got groups={conv.groups}"
-            )
-        if isinstance(conv.padding, str):
-            raise ValueError(
-                "ReferenceDecoder.for_layer: `conv` must use numeric padding, got "
-                f"padding={conv.padding!r}"
-            )
-        return cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,  # type: ignore[arg-type]
-            conv.stride,  # type: ignore[arg-type]
-            conv.padding,  # type: ignore[arg-type]
-            conv.dilation,  # type: ignore[arg-type]
-            hidden=hidden,
-            loss=loss,
-            device=conv.weight.device if device is None else device,
-            dtype=conv.weight.dtype if dtype is None else dtype,
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The reconstruction of ``x`` (same shape)."""
-        return self.out(self.decoder(self.encoder(x)), output_size=list(x.shape[-2:]))
-
-    def reconstruction_loss(self, x: Tensor) -> Tensor:
-        """The mean reconstruction loss of the batch ``x``."""
-        return self._loss(self(x), x)
-
-    def _loss(self, rec: Tensor, x: Tensor) -> Tensor:
-        loss_fn = nn.functional.mse_loss if self.loss == "mse" else nn.functional.l1_loss
-        return loss_fn(rec, x)
-
-    def gradient(self, x: Tensor) -> Tensor:
-        """The reference gradient ``d L_rec(x) / d out.weight`` for the batch ``x`` (detached).
-
-        Only the last layer is differentiated (the rest runs under ``no_grad``); the
-        decoder's parameters and their ``.grad`` are not changed.
-        """
-        x = x.to(device=self.out.weight.device, dtype=self.out.weight.dtype)
-        with torch.no_grad():
-            h = self.decoder(self.encoder(x))
-        with torch.enable_grad():
-            rec = self.out(h, output_size=list(x.shape[-2:]))
-            (grad,) = torch.autograd.grad(self._loss(rec, x), self.out.weight)
-        return grad.detach()
-
-    def fit(
-        self,
-        loader: Iterable[Any],
-        epochs: int = 1,
-        *,
-        lr: float = 1e-3,
-        optimizer: torch.optim.Optimizer | None = None,
-        progress: bool = False,
-    ) -> list[float]:
-        """Train the autoencoder to reconstruct the batches of ``loader``.
-
-        Under ``torch.distributed`` the parameters are first broadcast from rank 0 and the
-        gradients are averaged over ranks before each step, so every rank ends with the same
-        decoder, equal to a single-process fit over the global batches (equal per-rank batch
-        sizes assumed).
-
-        Args:
-            loader: an iterable of image batches ``(N, C, H, W)``, or of tuples/lists whose
-                first element is that batch (a ``DataLoader`` of ``(x, y)`` works). Iterated
-                once per epoch.
-            epochs: number of passes over ``loader``.
-            lr: learning rate of the default Adam optimizer.
-            optimizer: use this optimizer instead (over this module's parameters).
-            progress: show a ``tqdm`` bar if tqdm is installed (silently none otherwise).
-
-        Returns:
-            The mean reconstruction loss of each epoch (floats).
-
-        Example:
-            >>> import torch
-            >>> from torch import nn
-            >>> from torch_recal import ReferenceDecoder
-            >>> dec = ReferenceDecoder.for_layer(nn.Conv2d(1, 4, 3, padding=1))
-            >>> batches = [torch.randn(4, 1, 8, 8) for _ in range(2)]
-            >>> losses = dec.fit(batches, epochs=3, lr=3e-2)
-            >>> len(losses), losses[-1] < losses[0]
-            (3, True)
-        """
-        _check_positive_int("ReferenceDecoder.fit", "epochs", epochs)
-        if optimizer is None:
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-                raise ValueError(f"ReferenceDecoder.fit: `lr` must be a positive float, got {lr!r}")
-            optimizer = torch.optim.Adam(self.parameters(), lr=lr)
-        params = [p for p in self.parameters() if p.requires_grad]
-        with torch.no_grad():
-            _dist.broadcast_(*params)
-        n_batches = _len_or_none(loader)
-        bar = _progress(None if n_batches is None else epochs * n_batches, progress)
-        was_training = self.training
-        self.train()
-        history: list[float] = []
-        try:
-            for epoch in range(epochs):
-                total, count = 0.0, 0
-                for batch in loader:
-                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                    if not isinstance(x, Tensor) or x.dim() != 4:
-                        raise ValueError(
-                            "ReferenceDecoder.fit: `loader` must yield image batches (N, C, H, W) "
-                            f"or (x, ...) tuples, got {type(x).__name__}"
-                            + (f" of shape {tuple(x.shape)}" if isinstance(x, Tensor) else "")
-                        )
-                    x = x.to(device=self.out.weight.device, dtype=self.out.weight.dtype)
-                    loss = self.reconstruction_loss(x)
-                    optimizer.zero_grad(set_to_none=False)
-                    loss.backward()
-                    _dist.all_reduce_mean_(*(p.grad for p in params if p.grad is not None))
-                    optimizer.step()
-                    value = float(loss.detach())
-                    total += value
-                    count += 1
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(epoch=epoch, loss=f"{value:.4g}")
-                if count == 0:
-                    raise ValueError("ReferenceDecoder.fit: `loader` yielded no batches")
-                history.append(total / count)
-        finally:
-            if bar is not None:
-                bar.close()
-            self.train(was_training)
-        return history
-
-
-def _len_or_none(loader: Iterable[Any]) -> int | None:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def _progress(total: int | None, enabled: bool) -> Any:
-    if not enabled or _dist.get_rank() != 0:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: no bar
-        return None
-    return tqdm(total=total, desc="ReferenceDecoder.fit", leave=False)
+    raise ValueError(f"{who}: `layer` ({type(model).__name__}) contains no nn.Conv2d")
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,19 +152,33 @@ class GenerativeGradientLoss:
     (detached), and returns ``weight * D(g_cls, g_ref)``. Then ``(task_loss + term)
     .backward()`` updates the whole network through double backprop. With ``every=k`` only
     the calls ``0, k, 2k, ...`` compute the term; the others return an exact zero tensor that
-    requires no grad and build no graph (no double backprop, no reference computed).
+    requires no grad and builds no graph (no double backprop, no reference computed).
 
-    Discrepancies ``D`` (``a = g_cls``, ``b = g_ref``, flattened): ``"cosine"``:
-    ``1 - <a, b> / max(|a| |b|, eps)`` in ``[0, 2]``, invariant to the scale of either
-    (default); ``"l2"``: ``mean((a - b)^2)``; ``"l1"``: ``mean(|a - b|)``. For ``"l2"`` and
-    ``"l1"`` the scale of the reference matters: a :class:`ReferenceDecoder`'s gradient is
-    not on the classifier's scale, so they suit a reference you scaled yourself.
+    ``D`` is :func:`torch_recal.functional.gradient_discrepancy` (``a = g_cls``,
+    ``b = g_ref``, flattened): ``"cosine"``: ``1 - <a, b> / max(|a| |b|, eps)`` in
+    ``[0, 2]``, invariant to the scale of either (default); ``"l2"``: ``mean((a - b)^2)``;
+    ``"l1"``: ``mean(|a - b|)``. For ``"l2"`` and ``"l1"`` the scale of the reference
+    matters: a :class:`ReferenceDecoder`'s gradient is not on the classifier's scale, so they
+    suit a reference you scaled yourself.
 
     Reference: a :class:`ReferenceDecoder` (its :meth:`~ReferenceDecoder.gradient` of the
     batch), any callable ``x -> tensor`` of the target's shape, or a fixed tensor of that
     shape. It is detached and cast to the target's device and dtype. With ``ema=beta`` the
     reference used is an exponential moving average over the applied steps,
-    ``r <- beta * r + (1 - beta) * g_ref`` (the first applied step sets ``r = g_ref``).
+    ``r <- beta * r + (1 - beta) * g_ref`` (the first averaged step sets ``r = g_ref``).
+
+    Non-finite values (``docs/conventions.md``): on an applied step whose reference or
+    ``g_cls`` holds a NaN or inf (a NaN batch, an overflow), the term is an exact zero, the
+    average and ``last_reference`` are not updated, and a :class:`RuntimeWarning` says so;
+    the call still counts in ``num_steps``. With a ``scaler``, a non-finite ``g_cls`` is the
+    scaler's business (it skips ``optimizer.step()`` on that step): the same zero, no warning.
+
+    Mixed precision: under ``torch.autocast`` with bfloat16 nothing more is needed (the
+    target is a float32 parameter, so ``g_cls`` and the term are float32). With float16 and a
+    ``torch.amp.GradScaler``, pass it: ``ggr(loss, x, scaler=scaler)`` takes the gradient of
+    ``scaler.scale(loss)`` (so small gradients do not underflow) and multiplies it by
+    ``1 / scaler.get_scale()`` before ``D``, as in PyTorch's AMP notes ("gradient penalty");
+    then ``scaler.scale(loss + term).backward()`` as usual.
 
     Distributed (DDP, ``sync=True``, the default when ``torch.distributed`` is initialised;
     FSDP is not supported: a sharded target raises ``TypeError``):
@@ -416,17 +196,17 @@ class GenerativeGradientLoss:
     Paper: Reza & Jung, IEEE Access 2025, https://doi.org/10.1109/ACCESS.2025.3534216
 
     Args:
-        target: the first conv's weight, a leaf tensor that requires grad (e.g.
-            ``model.conv1.weight``; with DDP, ``ddp.module.conv1.weight``).
-        reference: a :class:`ReferenceDecoder`, a callable ``x -> tensor`` or a fixed tensor,
-            all of the target's shape.
+        target: the first conv's weight, a floating-point leaf tensor that requires grad
+            (e.g. ``model.conv1.weight``; with DDP, ``ddp.module.conv1.weight``).
+        reference: a :class:`ReferenceDecoder`, a callable ``x -> tensor`` or a fixed
+            (finite, floating-point) tensor, all of the target's shape.
         discrepancy: ``"cosine"`` (default), ``"l2"`` or ``"l1"``.
         weight: the factor ``lambda >= 0`` of the term (default 0.1, INFERRED: on
             Fashion-MNIST 1.0 raised the filter variance but cost accuracy, see the method
-            card; may be changed between steps through the attribute ``weight``).
+            card).
         ema: ``None`` (no averaging, default) or ``beta`` in ``[0, 1)``.
         every: apply on every ``every``-th call (default 1: every call).
-        eps: floor of the norm product in the cosine.
+        eps: floor of the norm product in the cosine (> 0).
         sync: average over ranks under ``torch.distributed`` (default True; a no-op alone).
         fused_double_backward: give train-mode batch norms (PyTorch's native kernel: CPU, or
             CUDA with cuDNN off) and GELUs a fused double backward, one compiled kernel per
@@ -435,9 +215,15 @@ class GenerativeGradientLoss:
             formulas.
 
     Attributes:
-        step: number of calls so far (applied or skipped); saved by :meth:`state_dict`.
-        reference_ema: the running average of the reference (``ema`` set), else ``None``.
+        num_steps: number of calls so far (applied or skipped); saved by :meth:`state_dict`.
+        num_ema_updates: number of references averaged into ``reference_ema`` (0 without
+            ``ema``); saved.
+        reference_ema: the running average of the reference (``ema`` set), else ``None``;
+            saved.
         last_reference: the reference used on the last applied step (after sync and EMA).
+        discrepancy, weight, ema, every, eps, sync, fused_double_backward: the options; each
+            may be changed between steps and is checked on assignment (``ggr.every = 0``
+            raises ``ValueError``). Setting ``ema = None`` drops the running average.
 
     Example:
         >>> import torch
@@ -455,16 +241,24 @@ class GenerativeGradientLoss:
         >>> (loss + term).backward()
         >>> ggr(nn.functional.cross_entropy(model(x), y), x)  # call 1 of every=2: skipped
         tensor(0.)
-        >>> ggr.state_dict()["step"]
+        >>> ggr.num_steps
         2
     """
+
+    discrepancy: Discrepancy
+    weight: float
+    ema: float | None
+    every: int
+    eps: float
+    sync: bool
+    fused_double_backward: bool
 
     def __init__(
         self,
         target: Tensor,
         reference: ReferenceDecoder | Callable[[Tensor], Tensor] | Tensor,
         *,
-        discrepancy: str = "cosine",
+        discrepancy: Discrepancy = "cosine",
         weight: float = 0.1,
         ema: float | None = None,
         every: int = 1,
@@ -472,109 +266,127 @@ class GenerativeGradientLoss:
         sync: bool = True,
         fused_double_backward: bool = True,
     ) -> None:
-        who = "GenerativeGradientLoss"
-        if not isinstance(target, Tensor):
-            raise TypeError(f"{who}: `target` must be a tensor (e.g. model.conv1.weight), got "
-                            f"{type(target).__name__}")  # fmt: skip
+        who = _WHO
+        check_tensor(target, "target", who=who, floating=True)
         if not (target.is_leaf and target.requires_grad):
             raise ValueError(
                 f"{who}: `target` must be a leaf tensor that requires grad (a parameter such as "
                 "model.conv1.weight), got a "
                 + ("non-leaf tensor" if not target.is_leaf else "tensor with requires_grad=False")
             )
-        if not target.is_floating_point():
-            raise TypeError(f"{who}: `target` must be floating point, got {target.dtype}")
         if _dist.is_sharded(target):
             raise TypeError(
                 f"{who}: `target` is sharded (FSDP / DTensor), which is not supported: the "
                 "double backward needs the weight the forward pass uses, and FSDP replaces it "
                 "by a gathered copy. Use DDP"
             )
+        shape = tuple(target.shape)
         if isinstance(reference, ReferenceDecoder):
-            if tuple(reference.out.weight.shape) != tuple(target.shape):
+            if tuple(reference.out.weight.shape) != shape:
                 raise ValueError(
                     f"{who}: `reference` decoder's last layer has weight shape "
                     f"{tuple(reference.out.weight.shape)}, expected the target's shape "
-                    f"{tuple(target.shape)} (build it with ReferenceDecoder.for_layer(conv))"
+                    f"{shape} (build it with ReferenceDecoder.for_layer(conv))"
                 )
         elif isinstance(reference, Tensor):
-            if tuple(reference.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"{who}: `reference` tensor has shape {tuple(reference.shape)}, expected the "
-                    f"target's shape {tuple(target.shape)}"
-                )
+            check_tensor(reference, "reference", who=who, floating=True, shape=shape)
+            check_finite_tensor(reference, "reference", who=who)
         elif not callable(reference):
             raise TypeError(
                 f"{who}: `reference` must be a ReferenceDecoder, a callable x -> tensor or a "
                 f"tensor, got {type(reference).__name__}"
             )
-        _check_options(who, discrepancy, weight, ema, every)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"{who}: `eps` must be a positive float, got {eps!r}")
-        for name, flag in (("sync", sync), ("fused_double_backward", fused_double_backward)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{who}: `{name}` must be a bool, got {type(flag).__name__}")
+        options = {
+            "discrepancy": discrepancy,
+            "weight": weight,
+            "ema": ema,
+            "every": every,
+            "eps": eps,
+            "sync": sync,
+            "fused_double_backward": fused_double_backward,
+        }
+        checked = {name: _OPTIONS[name](value) for name, value in options.items()}
         self.target = target
         self.reference = reference
-        self.discrepancy = discrepancy
-        self._weight = float(weight)
-        self.ema = None if ema is None else float(ema)
-        self.every = int(every)
-        self.eps = float(eps)
-        self.sync = sync
-        self.fused_double_backward = fused_double_backward
-        self.step = 0
+        self.num_steps = 0
+        self.num_ema_updates = 0
         self.reference_ema: Tensor | None = None
         self.last_reference: Tensor | None = None
+        for name, value in checked.items():
+            setattr(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = _OPTIONS.get(name)
+        if check is not None:
+            value = check(value)
+            if name == "ema" and value is None:  # no average is kept without `ema`
+                object.__setattr__(self, "reference_ema", None)
+                object.__setattr__(self, "num_ema_updates", 0)
+        object.__setattr__(self, name, value)
 
     @property
-    def weight(self) -> float:
-        """The factor of the term (a float >= 0)."""
-        return self._weight
-
-    @weight.setter
-    def weight(self, value: float) -> None:
-        _check_weight(value)
-        self._weight = float(value)
+    def step(self) -> int:
+        """Deprecated alias of :attr:`num_steps` (read-only)."""
+        warnings.warn(
+            "GenerativeGradientLoss.step is deprecated; use num_steps",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.num_steps
 
     def will_apply(self) -> bool:
-        """Whether the next call computes the term (``step % every == 0``)."""
-        return self.step % self.every == 0
+        """Whether the next call computes the term (``num_steps % every == 0``)."""
+        return self.num_steps % self.every == 0
 
-    def __call__(self, task_loss: Tensor, x: Tensor | None = None) -> Tensor:
+    def __call__(
+        self,
+        task_loss: Tensor,
+        x: Tensor | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> Tensor:
         """Return the regularisation term for this step (add it to ``task_loss``).
 
         Args:
             task_loss: the scalar task loss (e.g. cross-entropy), still attached to its graph.
             x: the input batch (needed unless the reference is a fixed tensor).
+            scaler: the ``torch.amp.GradScaler`` of a float16 mixed-precision loop: the
+                gradient is taken of the scaled loss and unscaled before ``D``.
 
         Returns:
-            A scalar tensor: ``weight * D(g_cls, g_ref)`` on applied steps, an exact zero
-            (no grad, no graph) on skipped steps.
+            A scalar tensor: ``weight * D(g_cls, g_ref)`` on applied steps; an exact zero
+            (no grad, no graph) on skipped steps and on steps with non-finite gradients.
         """
-        who = "GenerativeGradientLoss"
-        if not isinstance(task_loss, Tensor) or task_loss.numel() != 1:
+        who = _WHO
+        check_tensor(task_loss, "task_loss", who=who)
+        if task_loss.numel() != 1:
             raise ValueError(
-                f"{who}: `task_loss` must be a scalar tensor, got "
-                + (
-                    f"shape {tuple(task_loss.shape)}"
-                    if isinstance(task_loss, Tensor)
-                    else type(task_loss).__name__
-                )
+                f"{who}: `task_loss` must be a scalar tensor, got shape {tuple(task_loss.shape)}"
             )
         if not task_loss.requires_grad:
             raise ValueError(
                 f"{who}: `task_loss` does not require grad (computed under no_grad, or "
                 "detached?); it must be attached to the graph that uses `target`"
             )
+        if x is not None:
+            check_tensor(x, "x", who=who)
+            if x.numel() == 0:
+                raise ValueError(
+                    f"{who}: `x` must be a non-empty batch, got shape {tuple(x.shape)}"
+                )
+        if scaler is not None:
+            check_instance(scaler, "scaler", torch.amp.GradScaler, who=who)
         if not self.will_apply():
-            self.step += 1
-            return torch.zeros((), device=task_loss.device, dtype=task_loss.dtype)
+            self.num_steps += 1
+            return self._zero(task_loss)
         ref = self._reference(x)
+        outputs = task_loss.reshape(())
+        if scaler is not None:
+            outputs = scaler.scale(outputs)
         fused = self.fused_double_backward
-        with _db.fused_double_backward(task_loss) if fused else contextlib.nullcontext():
+        with _db.fused_double_backward(outputs) if fused else contextlib.nullcontext():
             (g_cls,) = torch.autograd.grad(
-                task_loss.reshape(()), self.target, create_graph=True, allow_unused=True
+                outputs, self.target, create_graph=True, allow_unused=True
             )
         if g_cls is None:
             raise ValueError(
@@ -583,36 +395,61 @@ class GenerativeGradientLoss:
                 "under FSDP the forward uses gathered copies, which is not supported)"
             )
         _db.raise_if_not_twice_differentiable(g_cls, who)
+        if scaler is not None:
+            g_cls = g_cls * (1.0 / scaler.get_scale())
+        if self.sync and _dist.is_distributed():
+            g_cls = _mean_over_ranks_straight_through(g_cls)
+        ref_finite, grad_finite = torch.stack(
+            [torch.isfinite(ref).all(), torch.isfinite(g_cls.detach()).all()]
+        ).tolist()
+        if not (ref_finite and grad_finite):
+            if not ref_finite or scaler is None:
+                what = "reference gradient" if not ref_finite else "gradient of `task_loss`"
+                warnings.warn(
+                    f"{who}: non-finite {what} (NaN or inf) at call {self.num_steps}: the term "
+                    "is 0 for this step and the reference average is not updated",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self.num_steps += 1
+            return self._zero(task_loss)
         # Commit state only now: nothing above changed it.
         if self.ema is not None:
             if self.reference_ema is None:
                 self.reference_ema = ref.clone()
             else:
                 self.reference_ema.mul_(self.ema).add_(ref, alpha=1.0 - self.ema)
+            self.num_ema_updates += 1
             ref = self.reference_ema.clone()
         self.last_reference = ref
-        self.step += 1
-        if self.sync and _dist.is_distributed():
-            g_cls = _mean_over_ranks_straight_through(g_cls)
-        return self._weight * discrepancy_fn(g_cls, ref, self.discrepancy, self.eps)
+        self.num_steps += 1
+        return self.weight * gradient_discrepancy(g_cls, ref, self.discrepancy, self.eps)
+
+    @staticmethod
+    def _zero(task_loss: Tensor) -> Tensor:
+        return torch.zeros((), device=task_loss.device, dtype=task_loss.dtype)
 
     def _reference(self, x: Tensor | None) -> Tensor:
-        who = "GenerativeGradientLoss"
+        who = _WHO
         ref_obj = self.reference
         if isinstance(ref_obj, Tensor):
             ref = ref_obj
         else:
-            if not isinstance(x, Tensor):
-                raise ValueError(
-                    f"{who}: `x` (the input batch) is needed to compute the reference gradient, "
-                    f"got {type(x).__name__}"
+            if x is None:
+                raise TypeError(
+                    f"{who}: `x` (the input batch) must be a Tensor to compute the reference "
+                    "gradient, got None"
                 )
             ref = ref_obj.gradient(x) if isinstance(ref_obj, ReferenceDecoder) else ref_obj(x)
-            if not isinstance(ref, Tensor) or tuple(ref.shape) != tuple(self.target.shape):
-                got = tuple(ref.shape) if isinstance(ref, Tensor) else type(ref).__name__
+            if not isinstance(ref, Tensor):
+                raise TypeError(
+                    f"{who}: `reference` returned {type(ref).__name__}, expected a tensor of the "
+                    f"target's shape {tuple(self.target.shape)}"
+                )
+            if tuple(ref.shape) != tuple(self.target.shape):
                 raise ValueError(
-                    f"{who}: `reference` returned {got}, expected a tensor of the target's "
-                    f"shape {tuple(self.target.shape)}"
+                    f"{who}: `reference` returned shape {tuple(ref.shape)}, expected a tensor of "
+                    f"the target's shape {tuple(self.target.shape)}"
                 )
             if self.sync and _dist.is_distributed():
                 ref = ref.detach().clone()
@@ -620,77 +457,66 @@ class GenerativeGradientLoss:
         return ref.detach().to(device=self.target.device, dtype=self.target.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data: the call counter, the EMA of the reference (or None), the options."""
+        """What changes during training, as plain data: ``num_steps``, ``num_ema_updates``
+        and ``reference_ema`` (a tensor, or ``None``). The options are the constructor's.
+
+        Example:
+            >>> import torch
+            >>> from torch_recal import GenerativeGradientLoss
+            >>> w = torch.zeros(2, 1, 3, 3, requires_grad=True)
+            >>> GenerativeGradientLoss(w, torch.ones(2, 1, 3, 3)).state_dict()
+            {'num_steps': 0, 'num_ema_updates': 0, 'reference_ema': None}
+        """
         return {
-            "step": self.step,
+            "num_steps": self.num_steps,
+            "num_ema_updates": self.num_ema_updates,
             "reference_ema": None if self.reference_ema is None else self.reference_ema.clone(),
-            "every": self.every,
-            "ema": self.ema,
-            "weight": self._weight,
-            "discrepancy": self.discrepancy,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (checked first: nothing changes on a bad state)."""
-        who = "GenerativeGradientLoss.load_state_dict"
-        if not isinstance(state, dict) or "step" not in state:
-            raise ValueError(f"{who}: expected a dict from state_dict(), got {state!r:.80}")
-        step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"{who}: `step` must be an int >= 0, got {step!r}")
-        ema_t = state.get("reference_ema")
-        if ema_t is not None and (
-            not isinstance(ema_t, Tensor) or tuple(ema_t.shape) != tuple(self.target.shape)
-        ):
+        """Restore :meth:`state_dict`: everything is checked first (types, the EMA's shape and
+        finiteness, consistency with ``ema``, ``num_steps`` at most ``2**31 - 1``: a larger
+        counter is taken as a corrupted checkpoint), then assigned at once; a bad or partial
+        state raises and changes nothing."""
+        who = f"{_WHO}.load_state_dict"
+        state = dict(check_state_keys(state, _STATE_KEYS, who=who))
+        num_steps = check_int(
+            state["num_steps"], "num_steps", who=who, minimum=0, maximum=_MAX_STEPS
+        )
+        updates = check_int(
+            state["num_ema_updates"], "num_ema_updates", who=who, minimum=0, maximum=num_steps
+        )
+        average = state["reference_ema"]
+        if average is not None:
+            shape = tuple(self.target.shape)
+            check_tensor(average, "reference_ema", who=who, floating=True, shape=shape)
+            check_finite_tensor(average, "reference_ema", who=who)
+        if self.ema is None and (updates or average is not None):
             raise ValueError(
-                f"{who}: `reference_ema` must be None or a tensor of shape "
-                f"{tuple(self.target.shape)}"
+                f"{who}: this loss has ema=None and keeps no average, got num_ema_updates="
+                f"{updates} and a `reference_ema` {'tensor' if average is not None else 'None'}"
             )
-        every = state.get("every", self.every)
-        weight = state.get("weight", self._weight)
-        ema = state.get("ema", self.ema)
-        discrepancy = state.get("discrepancy", self.discrepancy)
-        _check_options(who, discrepancy, weight, ema, every)
-        self.step = step
+        if self.ema is not None and (average is None) != (updates == 0):
+            raise ValueError(
+                f"{who}: `reference_ema` must be None exactly when `num_ema_updates` is 0, got "
+                f"num_ema_updates={updates} and reference_ema="
+                f"{'None' if average is None else 'a tensor'}"
+            )
+        self.num_steps = num_steps
+        self.num_ema_updates = updates
         self.reference_ema = (
             None
-            if ema_t is None
-            else ema_t.detach().to(device=self.target.device, dtype=self.target.dtype).clone()
-        )
-        self.every, self._weight, self.ema, self.discrepancy = (
-            every,
-            float(weight),
-            ema,
-            discrepancy,
+            if average is None
+            else average.detach().to(device=self.target.device, dtype=self.target.dtype).clone()
         )
 
     def __repr__(self) -> str:
         return (
             f"GenerativeGradientLoss(target={tuple(self.target.shape)}, reference="
             f"{type(self.reference).__name__}, discrepancy={self.discrepancy!r}, "
-            f"weight={self._weight}, ema={self.ema}, every={self.every}, step={self.step})"
+            f"weight={self.weight}, ema={self.ema}, every={self.every}, "
+            f"num_steps={self.num_steps})"
         )
-
-
-def discrepancy_fn(a: Tensor, b: Tensor, kind: str = "cosine", eps: float = 1e-12) -> Tensor:
-    """``D(a, b)`` of :class:`GenerativeGradientLoss` on flattened tensors (differentiable).
-
-    Example:
-        >>> import torch
-        >>> from torch_recal.generative import discrepancy_fn
-        >>> a = torch.tensor([1.0, 0.0])
-        >>> discrepancy_fn(a, -3 * a).item(), discrepancy_fn(a, torch.tensor([0.0, 2.0])).item()
-        (2.0, 1.0)
-    """
-    a, b = a.reshape(-1), b.reshape(-1)
-    if kind == "cosine":
-        denom = (a.norm() * b.norm()).clamp_min(eps)
-        return 1.0 - (a * b).sum() / denom
-    if kind == "l2":
-        return (a - b).pow(2).mean()
-    if kind == "l1":
-        return (a - b).abs().mean()
-    raise ValueError(f"discrepancy: `kind` must be one of {_DISCREPANCIES}, got {kind!r}")
 
 
 def _mean_over_ranks_straight_through(g: Tensor) -> Tensor:
@@ -702,36 +528,3 @@ def _mean_over_ranks_straight_through(g: Tensor) -> Tensor:
     mean = g.detach().clone()
     _dist.all_reduce_mean_(mean)
     return g + (mean - g.detach())
-
-
-def _check_options(
-    who: str, discrepancy: object, weight: object, ema: object, every: object
-) -> None:
-    """The options shared by the constructor and ``load_state_dict`` (ValueError if bad)."""
-    if discrepancy not in _DISCREPANCIES:
-        raise ValueError(
-            f"{who}: `discrepancy` must be one of {_DISCREPANCIES}, got {discrepancy!r}"
-        )
-    _check_weight(weight)
-    if ema is not None and (
-        isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1
-    ):
-        raise ValueError(f"{who}: `ema` must be None or a float in [0, 1), got {ema!r}")
-    _check_positive_int(who, "every", every)
-
-
-def _check_positive_int(who: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{who}: `{name}` must be a positive int, got {value!r}")
-
-
-def _check_weight(weight: object) -> None:
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, (int, float))
-        or not math.isfinite(weight)
-        or weight < 0
-    ):
-        raise ValueError(
-            f"GenerativeGradientLoss: `weight` must be a finite float >= 0, got {weight!r}"
-        )
