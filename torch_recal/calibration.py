@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Literal, cast
 
 import torch
-from einops import reduce
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -248,14 +247,21 @@ class ResponseCalibration(nn.Module):
 def _spatial_mean(u: Tensor, channel_dim: int) -> Tensor:
     """Mean over the spatial (or token) dims, shape ``(N, C)``, in at least float32.
 
-    Each term is scaled by ``1/n`` before the sum, so the mean of finite responses is finite
-    (a plain float32 sum of a thousand values near 1e38 overflows to inf); under
-    ``torch.compile`` the scaling fuses into the reduction.
+    Computed as a matrix-vector product with the weights ``1/n``: each term is scaled before
+    it is summed, so the mean of finite responses is finite (a plain float32 sum of a
+    thousand values near 1e38 overflows to inf), and ``u`` is still read once, with no
+    scaled copy. Autocast is off for this product (its weights are in ``u``'s dtype).
     """
+    batch = u.shape[0]
+    channels = u.shape[1] if channel_dim == 1 else u.shape[-1]
     spatial = u.shape[2:] if channel_dim == 1 else u.shape[1:-1]
     n = 1
     for size in spatial:
         n = n * size
-    pattern = "n c ... -> n c" if channel_dim == 1 else "n ... c -> n c"
-    uc = u.to(torch.promote_types(u.dtype, torch.float32))
-    return reduce(uc * (1.0 / max(n, 1)), pattern, "sum")
+    weights = torch.full((n,), 1.0 / max(n, 1), dtype=u.dtype, device=u.device)
+    with torch.autocast(u.device.type, enabled=False):
+        if channel_dim == 1:
+            s = u.reshape(batch, channels, n) @ weights
+        else:
+            s = weights @ u.reshape(batch, n, channels)
+    return s.to(torch.promote_types(u.dtype, torch.float32))
