@@ -163,6 +163,9 @@ CASES += [
     Bad("calibrate", torch_recal.calibrate, ValueError, "no residual block", make=_cnn),
     Bad("calibrate", torch_recal.calibrate, ValueError, "share", make=_shared_norm_model,
         id="calibrate-shared-norm"),
+    # one norm under two names: the second edit would swap its class twice
+    Bad("calibrate", lambda m: torch_recal.calibrate(m, targets=["0", "1"]), ValueError,
+        "share", make=lambda: nn.Sequential(*[nn.BatchNorm2d(4)] * 2), id="calibrate-alias"),
     Bad("uncalibrate", lambda _: torch_recal.uncalibrate(None), TypeError, "`model`"),
     Bad("uncalibrate", lambda m: torch_recal.uncalibrate(m, inplace="no"), TypeError,
         "`inplace`", make=lambda: torch_recal.calibrate(resnet20())),
