@@ -12,16 +12,22 @@ Prints, per device (CPU, and CUDA when available), in one run:
   * train  : forward and forward+backward with grad, ours (hand-written fused backward) vs
              inductor's own derivative of the same forward
   * block  : ResCNet BasicBlock vs plain BasicBlock, forward + backward (torch_recal.models)
+  * step   : a whole ResNet-20 training step (forward, cross-entropy, backward, SGD step),
+             ``calibrate()``-ed vs plain, the same weights, timed interleaved: what a user pays
   * cold   : the first call, which compiles the forward kernel
 and the ratios fused/limit (targets: <= 1.15 CUDA, <= 1.5 CPU), naive/fused (target >= 8),
-block overhead (target <= 1.15).
+block overhead (target <= 1.15), training step calibrated/plain (target <= 1.10 on CPU).
 
-    python benchmarks/bench_calibration.py [--quick]
+    python benchmarks/bench_calibration.py [--quick] [--threads N] [--step-only]
+
+The "inductor's own autograd" ablation compiles ``torch_recal.functional._forward``, the
+library's pure chain (a documented internal seam, see its docstring).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -34,7 +40,7 @@ from _timing import interleaved, sync, table
 
 import torch_recal
 from torch_recal.functional import _forward, response_calibration_residual
-from torch_recal.models import BasicBlock
+from torch_recal.models import BasicBlock, resnet20
 
 
 def naive(u, s, mu, sigma, eps=1e-5):
@@ -178,19 +184,61 @@ def bench_device(
     ]
 
 
+def bench_train_step(device: str, batch: int, size: int) -> list[list[object]]:
+    """ResNet-20 training step (forward, loss, backward, SGD), calibrated vs plain."""
+    torch.manual_seed(0)
+    plain = resnet20(num_classes=10).to(device)
+    calibrated = torch_recal.calibrate(copy.deepcopy(plain))  # same weights + calibrations
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step(model: torch.nn.Module):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def run() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        return run
+
+    t = interleaved({"plain": step(plain), "calibrated": step(calibrated)}, device, calls=3)
+    shape = f"batch {batch}, {size}x{size}"
+    return [
+        [device, f"ResNet-20 training step, plain ({shape})", f"{t['plain'] * 1e3:.1f}", "", ""],
+        [device, "ResNet-20 training step, calibrate()-ed", f"{t['calibrated'] * 1e3:.1f}", "", ""],
+        [
+            device,
+            "training step: calibrated / plain",
+            "",
+            "",
+            f"{t['calibrated'] / t['plain']:.3f}x",
+        ],
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--step-only", action="store_true", help="only the training-step rows")
     args = p.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch_recal.set_compile(True)
     rows: list[list[object]] = []
     cpu_shape = (8, 16, 8, 8) if args.quick else (64, 64, 32, 32)
     cpu_block = (4, 16, 8, 8) if args.quick else (64, 64, 16, 16)
+    step_batch, step_size = (8, 16) if args.quick else (128, 32)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    rows += bench_device("cpu", cpu_shape, cpu_block)
+    if not args.step_only:
+        rows += bench_device("cpu", cpu_shape, cpu_block)
+    rows += bench_train_step("cpu", step_batch, step_size)
     if torch.cuda.is_available():
         print(f"CUDA: {torch.cuda.get_device_name()}")
-        rows += bench_device("cuda", (256, 64, 56, 56), (128, 64, 56, 56))
+        if not args.step_only:
+            rows += bench_device("cuda", (256, 64, 56, 56), (128, 64, 56, 56))
+        rows += bench_train_step("cuda", step_batch, step_size)
     print(f"elementwise shape {cpu_shape} float32")
     print(table(["device", "what", "ms", "GB/s", "ratio"], rows))
 

@@ -221,44 +221,111 @@ def test_device_and_dtype_kwargs():
     assert all(p.dtype == torch.float64 for p in layer.parameters())
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"channels": 0}, "channels"),
-        ({"channels": 4, "reduction": 0}, "reduction"),
-        ({"channels": 4, "reduction": -2}, "reduction"),
-        ({"channels": 4, "eps": 0.0}, "eps"),
-        ({"channels": 4, "eps": -1e-5}, "eps"),
-        ({"channels": 4, "confidence": "gauss"}, "confidence"),
-        ({"channels": 4, "stats": "running"}, "stats"),
-        ({"channels": 4, "channel_dim": 2}, "channel_dim"),
-    ],
-)
-def test_bad_constructor_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        ResponseCalibration(**kwargs)
+def _reference_with_clamp(layer: ResponseCalibration, u: np.ndarray) -> np.ndarray:
+    """The documented function in float64: predicted stats with logvar clamped to +-30."""
+    u = np.asarray(u, dtype=np.float64)
+    s = u.mean(axis=tuple(range(2, u.ndim)))
+    (w1, b1), (wm, bm), (wl, bl) = (
+        linear_params(fc) for fc in (layer.fc1, layer.fc_mu, layer.fc_logvar)
+    )
+    h = s @ w1.T + b1
+    mu, logvar = h @ wm.T + bm, np.clip(h @ wl.T + bl, -30.0, 30.0)
+    return calibrated_response(u, mu, np.exp(logvar / 2), layer.eps, layer.confidence)
 
 
-def test_bad_inputs_name_the_problem():
+@pytest.mark.parametrize("magnitude", [1e30, 1e38, 3e38])
+def test_huge_finite_input_matches_a_float64_reference(magnitude):
+    # a float32 sum of 64 values near 1e38 overflows: the spatial mean must not
+    layer = ResponseCalibration(8)
+    u = torch.randn(2, 8, 8, 8).sign() * magnitude
+    u[:, :, 0, 0] = torch.randn(2, 8)  # ordinary values beside the huge ones
+    u.requires_grad_()
+    out = layer(u)
+    assert torch.isfinite(out).all()
+    ref = _reference_with_clamp(layer, u.detach().numpy())
+    np.testing.assert_allclose(out.detach().numpy(), ref, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    assert torch.isfinite(u.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("channel_dim", [1, -1])
+@pytest.mark.parametrize("relu", [True, False])
+def test_module_with_shortcut_is_the_fused_block_tail(channel_dim, relu):
+    layer = ResponseCalibration(6, reduction=2, channel_dim=channel_dim, dtype=torch.float64)
+    _randomise(layer)
+    u = torch.randn(3, 6, 5, 4, dtype=torch.float64)
+    if channel_dim == -1:
+        u = u.movedim(1, -1).contiguous()
+    x = torch.randn_like(u)
+    mu, sigma = predicted_stats(
+        u.numpy(), linear_params(layer.fc1), linear_params(layer.fc_mu),
+        linear_params(layer.fc_logvar), channel_dim=channel_dim,
+    )  # fmt: skip
+    ref = calibrated_response(u.numpy(), mu, sigma, channel_dim=channel_dim) + x.numpy()
+    if relu:
+        ref = np.maximum(ref, 0)
+    out = layer(u, x, relu=relu)
+    np.testing.assert_allclose(out.detach().numpy(), ref, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(layer.forward_residual(u, x, relu), out, rtol=0, atol=0)
+    # without a shortcut `relu` changes nothing: the calibrated response alone
+    torch.testing.assert_close(layer(u, relu=True), layer(u), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_input_dtype_other_than_the_module_computes_and_returns_the_input_dtype(dtype):
+    # no autocast: the MLP runs in the module's float32, the chain in >= float32, output dtype
+    # is the input's (bf16/fp16 responses in a float32 model, as mixed-precision users pass)
+    layer = ResponseCalibration(8, reduction=2)
+    _randomise(layer, 0.2)
+    u = torch.randn(2, 8, 6, 6).to(dtype)
+    out = layer(u)
+    assert out.dtype == dtype
+    u64 = u.double().numpy()
+    mu, sigma = predicted_stats(
+        u64, linear_params(layer.fc1), linear_params(layer.fc_mu), linear_params(layer.fc_logvar)
+    )
+    ref = calibrated_response(u64, mu, sigma)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 1e-6}[dtype]
+    np.testing.assert_allclose(out.double().detach().numpy(), ref, rtol=tol, atol=tol)
+
+
+def test_float32_input_to_a_float64_module():
+    layer = ResponseCalibration(4, reduction=2, dtype=torch.float64)
+    _randomise(layer, 0.3)
+    u = torch.randn(2, 4, 5, 5)
+    out = layer(u)
+    assert out.dtype == torch.float32
+    ref = layer(u.double()).float()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+BAD_INPUTS = [
+    pytest.param([[[1.0]]], TypeError, id="list"),
+    pytest.param(torch.ones(2, 4, 3, 3, dtype=torch.int64), TypeError, id="int"),
+    pytest.param(torch.ones(2, 4, 3, 3, dtype=torch.bool), TypeError, id="bool"),
+    pytest.param(torch.ones(2, 4, 3, 3, dtype=torch.complex64), TypeError, id="complex"),
+    pytest.param(torch.ones(2, 4), ValueError, id="2d"),
+    pytest.param(torch.ones(2, 5, 3, 3), ValueError, id="channels"),
+]
+
+
+@pytest.mark.parametrize(("u", "error"), BAD_INPUTS)
+def test_module_and_functional_forms_reject_the_same_inputs_alike(u, error):
     layer = ResponseCalibration(4)
-    with pytest.raises(ValueError, match=r"at least one spatial"):
-        layer(torch.randn(2, 4))
-    with pytest.raises(ValueError, match=r"expected 4 channels.*got 5"):
-        layer(torch.randn(2, 5, 3, 3))
-    tokens = ResponseCalibration(4, channel_dim=-1)
-    with pytest.raises(ValueError, match=r"expected 4 channels in dim -1"):
-        tokens(torch.randn(2, 3, 5))
-    u = torch.randn(2, 4, 3, 3)
-    with pytest.raises(ValueError, match=r"`mu` must have shape \(N, C\)"):
-        response_calibration(u, torch.zeros(3, 4), torch.ones(2, 4))
-    with pytest.raises(ValueError, match="eps"):
-        response_calibration(u, torch.zeros(4), torch.ones(4), eps=0)
-    with pytest.raises(ValueError, match="confidence"):
-        response_calibration(u, torch.zeros(4), torch.ones(4), confidence="x")
-    with pytest.raises(TypeError, match="floating-point"):
-        response_calibration(u.long(), torch.zeros(4), torch.ones(4))
-    with pytest.raises(ValueError, match="shortcut"):
-        response_calibration_residual(u, u[:1], torch.zeros(4), torch.ones(4))
+    mu, sigma = torch.zeros(2, 4), torch.ones(2, 4)
+    messages = []
+    for call in (
+        lambda: layer(u),
+        lambda: layer(torch.randn(2, 4, 3, 3), u),  # the same mistakes as a shortcut
+        lambda: response_calibration(u, mu, sigma),
+        lambda: response_calibration_residual(u, torch.randn(2, 4, 3, 3), mu, sigma),
+    ):
+        with pytest.raises(error) as info:
+            call()
+        messages.append(str(info.value))
+    assert all("`u`" in m for m in messages[::2]), messages
+    assert "`shortcut`" in messages[1] and "`u`" in messages[3], messages
 
 
 def test_repr_and_state_dict_keys():

@@ -12,6 +12,7 @@ from torch import nn
 import torch_recal
 from tests.reference import forward_with_reference_calibration
 from torch_recal import ResponseCalibration, calibrate, is_calibrated, register_block, uncalibrate
+from torch_recal.functional import response_calibration, response_calibration_residual
 from torch_recal.models import BasicBlock, SqueezeExcite, resnet20
 
 
@@ -185,23 +186,6 @@ def test_targets_layernorm_tokens_use_channel_last():
         torch.testing.assert_close(model(x), expected)
 
 
-def test_bad_targets_raise_and_leave_model_untouched():
-    model = _generic_cnn()
-    keys = list(model.state_dict())
-    with pytest.raises(ValueError, match=r"targets \['nope'\] are not module names"):
-        calibrate(model, targets=["1", "nope"])
-    with pytest.raises(ValueError, match="selected no module"):
-        calibrate(model, targets=lambda n, m: False)
-    with pytest.raises(ValueError, match="cannot infer the channel count"):
-        calibrate(model, targets=["1", "2"])  # "2" is a ReLU: no channel count
-    with pytest.raises(TypeError, match="list of module names"):
-        calibrate(model, targets="1")
-    with pytest.raises(ValueError, match="reduction"):
-        calibrate(resnet20(), reduction=0)
-    assert list(model.state_dict()) == keys and not is_calibrated(model)
-    assert type(model[1]) is nn.BatchNorm2d
-
-
 def test_layer_kwargs_reach_the_inserted_layers():
     model = calibrate(resnet20(), reduction=8, confidence="pdf", stats="static")
     layers = [m for m in model.modules() if isinstance(m, ResponseCalibration)]
@@ -261,18 +245,6 @@ def test_register_block_after_and_subclass_match(registered):
     assert isinstance(model[0].norm.calibration, ResponseCalibration)
 
 
-def test_register_block_validates_arguments():
-    with pytest.raises(ValueError, match="exactly one"):
-        register_block(_SlotBlock)
-    with pytest.raises(ValueError, match="exactly one"):
-        register_block(_SlotBlock, after="norm", slot="attn")
-    with pytest.raises(TypeError, match="nn.Module class"):
-        register_block(int, after="norm")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="channels"):
-        register_block(_SlotBlock, slot="attn", channels=0)
-    assert _SlotBlock not in torch_recal.surgery._REGISTRY
-
-
 def test_optimizer_gets_a_param_group_for_new_parameters():
     model = resnet20()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -328,3 +300,112 @@ def test_models_builder_calibrated_equals_calibrate():
     assert sum(isinstance(m, ResponseCalibration) for m in built.modules()) == 9
     with pytest.raises(ValueError, match="depth"):
         torch_recal.models.CifarResNet(21)
+
+
+def test_predicate_never_selects_layers_inside_inserted_calibrations():
+    model = calibrate(_generic_cnn(), targets=["1"])
+    keys = list(model.state_dict())
+    calibrate(model, targets=lambda n, m: isinstance(m, nn.BatchNorm2d))  # "1" is done already
+    assert list(model.state_dict()) == keys
+    calibrate(model, targets=lambda n, m: isinstance(m, nn.Linear) and n == "8")
+    assert isinstance(model[1].calibration.fc1, nn.Linear)
+    assert not hasattr(model[1].calibration.fc1, "calibration")  # its Linears were skipped
+    assert hasattr(model[8], "calibration")
+
+
+# ------------------------------------------------------------------ blocks call __call__
+
+
+@pytest.mark.parametrize("how", ["built", "calibrate"])
+def test_block_calls_its_calibration_through_call_so_hooks_fire(how):
+    model = resnet20(calibrated=True) if how == "built" else calibrate(resnet20())
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        u, shortcut = args  # the block hands over its shortcut: the fused tail is used
+        expected = torch.relu(shortcut + response_calibration(u, *module.statistics(u)))
+        calls.append(torch.allclose(output, expected, rtol=1e-6, atol=1e-6))
+
+    for _, block in _blocks(model):
+        block.calibration.register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        before = model(x)
+    assert calls == [True] * 9
+    # a hook's return value replaces the output, as for any module
+    last = model.layer3[2].calibration
+    last.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, model.fc(torch.zeros(2, 64)).expand_as(after))
+    assert not torch.allclose(before, after)
+
+
+def _graph_ops(fn, *args) -> list[str]:
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    assert len(graphs) == 1  # one graph: no graph break
+    return [
+        str(n.target) for n in graphs[0].graph.nodes if n.op in ("call_function", "call_method")
+    ]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_compiled_block_traces_to_the_graph_of_the_fused_functional_tail(grad):
+    # calling the calibration through __call__ costs nothing under torch.compile: dynamo traces
+    # the same ops as a block that calls the fused functional form by hand
+    torch.manual_seed(0)
+    block = BasicBlock(8, 8, calibration=ResponseCalibration(8, 4))
+    x = torch.randn(2, 8, 6, 6, requires_grad=grad)
+
+    def by_hand(inp):
+        out = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(inp)))))
+        cal = block.calibration
+        return response_calibration_residual(out, inp, *cal.statistics(out), cal.eps)
+
+    with torch.set_grad_enabled(grad):
+        ours, reference = _graph_ops(block, x), _graph_ops(by_hand, x)
+        torch.testing.assert_close(block(x), by_hand(x))
+    assert ours == reference  # an unfused tail would add its own `add` and `relu` nodes
+
+
+# ------------------------------------------------------------------------ SE baseline
+
+
+def test_se_baseline_is_reduction_4_with_pytorchs_default_init():
+    torch.manual_seed(0)
+    model = resnet20(se=True)
+    se_layers = [m for m in model.modules() if isinstance(m, SqueezeExcite)]
+    assert len(se_layers) == 9
+    for se in se_layers:
+        channels = se.fc1.in_features
+        assert se.fc1.out_features == channels // 4
+        for fc in (se.fc1, se.fc2):
+            bound = 1.0 / fc.in_features**0.5  # nn.Linear's default: U(-1/sqrt(fan_in), ...)
+            for t in (fc.weight, fc.bias):
+                assert t.abs().max() <= bound
+                assert t.abs().max() > 0.5 * bound  # not N(0, 0.01), not zero
+    # the classifier keeps the official code's N(0, 0.01), zero bias
+    assert model.fc.weight.std() < 0.02 and torch.all(model.fc.bias == 0)
+    assert resnet20(se=True, se_reduction=16).layer3[0].se.fc1.out_features == 4
+
+
+def test_calibrated_model_keeps_the_official_calibration_init():
+    torch.manual_seed(0)
+    model = resnet20(calibrated=True)
+    weights = torch.cat(
+        [fc.weight.reshape(-1) for m in model.modules() if isinstance(m, ResponseCalibration)
+         for fc in (m.fc1, m.fc_mu, m.fc_logvar)]
+    )  # fmt: skip
+    assert abs(weights.std().item() - 0.01) < 0.001 and abs(weights.mean().item()) < 0.001
+    biases = [fc.bias for m in model.modules() if isinstance(m, ResponseCalibration)
+              for fc in (m.fc1, m.fc_mu, m.fc_logvar)]  # fmt: skip
+    assert all(torch.all(b == 0) for b in biases)

@@ -24,6 +24,8 @@ from typing import Any, TypeVar, cast
 
 import torch
 
+from torch_recal._checks import check_flag
+
 __all__ = ["compile_enabled", "lazy_compile", "set_compile"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,6 +45,9 @@ def set_compile(enabled: bool) -> None:
     Args:
         enabled: ``True`` to compile the fused ops lazily, ``False`` to run them eagerly.
 
+    Raises:
+        TypeError: ``enabled`` is not a bool.
+
     Example:
         >>> import torch_recal
         >>> torch_recal.set_compile(False)
@@ -51,9 +56,7 @@ def set_compile(enabled: bool) -> None:
         >>> torch_recal.set_compile(True)
     """
     global _enabled
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_compile: `enabled` must be a bool, got {type(enabled).__name__}")
-    _enabled = enabled
+    _enabled = check_flag(enabled, "enabled", who="set_compile")
     if enabled:
         for fn in _registry:
             fn.reset()

@@ -1,19 +1,20 @@
 """Pure tensor functions behind the modules (the fused, lazily compiled hot paths).
 
-Each function validates its arguments eagerly (cheap shape checks that dynamo treats as
-constants) and then runs one elementwise kernel, compiled under the library's policy
+Each function validates its arguments eagerly (cheap type, shape, dtype and device checks that
+dynamo treats as constants; values are not checked: NaN in, NaN out, as in PyTorch's own ops)
+and then runs one elementwise kernel, compiled under the library's policy
 (:mod:`torch_recal._compile`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
 
-from torch_recal._checks import check_choice, check_real, check_tensor
+from torch_recal._checks import check_choice, check_flag, check_int, check_real, check_tensor
 from torch_recal._compile import lazy_compile
 
 __all__ = [
@@ -24,49 +25,102 @@ __all__ = [
     "soft_threshold_",
 ]
 
+# --- response calibration (torch_recal.calibration) ----------------------------------------
+
+Confidence = Literal["cdf", "pdf"]
+"""How a standardised response becomes a confidence: ``Phi(-|z|)`` or ``exp(-z^2 / 2)``."""
+ChannelDim = Literal[1, -1]
+"""Where the channels are: ``1`` for ``(N, C, *spatial)``, ``-1`` for ``(N, *tokens, C)``."""
+
 _CONFIDENCES = ("cdf", "pdf")
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_PI = 1.0 / math.sqrt(math.pi)
 
 
-def _check_response_args(
-    u: Tensor,
-    mu: Tensor,
-    sigma: Tensor,
-    eps: float,
-    confidence: str,
+def _check_options(
+    eps: Any, confidence: Any, channel_dim: Any, *, who: str
+) -> tuple[float, Confidence, ChannelDim]:
+    """The options shared by the module and the functional forms, in their canonical types."""
+    eps = check_real(eps, "eps", who=who, minimum=0.0, open_low=True)
+    confidence = check_choice(confidence, "confidence", _CONFIDENCES, who=who)
+    channel_dim = check_int(channel_dim, "channel_dim", who=who)
+    if channel_dim not in (1, -1):
+        raise ValueError(
+            f"{who}: `channel_dim` must be 1 (N, C, *spatial) or -1 (N, *tokens, C), "
+            f"got {channel_dim}"
+        )
+    return eps, cast(Confidence, confidence), cast(ChannelDim, channel_dim)
+
+
+def _check_response(
+    u: Any,
     channel_dim: int,
-    fn: str,
+    *,
+    who: str,
+    channels: int | None = None,
+    device: torch.device | None = None,
 ) -> int:
-    """Validate the common arguments; return the normalised channel dim (1 or ndim-1)."""
+    """Check a response tensor ``u``; return its channel dim (1 or ``u.ndim - 1``).
+
+    The module and the functional forms both check their input here, so the same mistake
+    gets the same exception and message wherever it is made.
+    """
     if not isinstance(u, Tensor):
-        raise TypeError(f"{fn}: `u` must be a Tensor, got {type(u).__name__}")
+        raise TypeError(f"{who}: `u` must be a Tensor, got {type(u).__name__}")
+    if not u.is_floating_point():
+        raise TypeError(
+            f"{who}: `u` must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64), got dtype {u.dtype}"
+        )
+    layout = "(N, C, *spatial)" if channel_dim == 1 else "(N, *tokens, C)"
     if u.ndim < 3:
         raise ValueError(
-            f"{fn}: `u` must have shape (N, C, *spatial) with at least one spatial dim "
-            f"(or (N, L, C) with channel_dim=-1), got a {u.ndim}-D tensor of shape "
-            f"{tuple(u.shape)}"
+            f"{who}: `u` must have shape {layout} with at least one spatial/token dim "
+            f"(channel_dim={channel_dim}), got shape {tuple(u.shape)}"
         )
-    if not u.is_floating_point():
-        raise TypeError(f"{fn}: `u` must be a floating-point tensor, got {u.dtype}")
-    if channel_dim not in (1, -1):
-        raise ValueError(f"{fn}: `channel_dim` must be 1 or -1, got {channel_dim!r}")
     cdim = 1 if channel_dim == 1 else u.ndim - 1
-    batch, channels = u.shape[0], u.shape[cdim]
-    for name, stat in (("mu", mu), ("sigma", sigma)):
-        if not isinstance(stat, Tensor):
-            raise TypeError(f"{fn}: `{name}` must be a Tensor, got {type(stat).__name__}")
-        if tuple(stat.shape) not in ((batch, channels), (channels,)):
-            raise ValueError(
-                f"{fn}: `{name}` must have shape (N, C) = ({batch}, {channels}) or (C,) = "
-                f"({channels},) for `u` of shape {tuple(u.shape)} with channel_dim="
-                f"{channel_dim}, got {tuple(stat.shape)}"
-            )
-    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"{fn}: `eps` must be a positive finite float, got {eps!r}")
-    if confidence not in _CONFIDENCES:
-        raise ValueError(f"{fn}: `confidence` must be one of {_CONFIDENCES}, got {confidence!r}")
+    if channels is not None and u.shape[cdim] != channels:
+        raise ValueError(
+            f"{who}: `u` must have {channels} channels in dim {channel_dim} {layout}, got "
+            f"{u.shape[cdim]} (shape {tuple(u.shape)})"
+        )
+    if device is not None and u.device != device:
+        raise ValueError(
+            f"{who}: `u` must be on the module's device {device}, got a tensor on {u.device}"
+        )
     return cdim
+
+
+def _check_statistic(stat: Any, name: str, u: Tensor, cdim: int, *, who: str) -> None:
+    if not isinstance(stat, Tensor):
+        raise TypeError(f"{who}: `{name}` must be a Tensor, got {type(stat).__name__}")
+    if not stat.is_floating_point():
+        raise TypeError(f"{who}: `{name}` must be a floating-point tensor, got dtype {stat.dtype}")
+    batch, channels = u.shape[0], u.shape[cdim]
+    if tuple(stat.shape) not in ((batch, channels), (channels,)):
+        raise ValueError(
+            f"{who}: `{name}` must have shape (N, C) = ({batch}, {channels}) or (C,) = "
+            f"({channels},) for `u` of shape {tuple(u.shape)}, got {tuple(stat.shape)}"
+        )
+    if stat.device != u.device:
+        raise ValueError(f"{who}: `{name}` must be on `u`'s device {u.device}, got {stat.device}")
+
+
+def _check_shortcut(shortcut: Any, u: Tensor, *, who: str) -> None:
+    if not isinstance(shortcut, Tensor):
+        raise TypeError(f"{who}: `shortcut` must be a Tensor, got {type(shortcut).__name__}")
+    if not shortcut.is_floating_point():
+        raise TypeError(
+            f"{who}: `shortcut` must be a floating-point tensor, got dtype {shortcut.dtype}"
+        )
+    if shortcut.shape != u.shape:
+        raise ValueError(
+            f"{who}: `shortcut` must have `u`'s shape {tuple(u.shape)}, got {tuple(shortcut.shape)}"
+        )
+    if shortcut.device != u.device:
+        raise ValueError(
+            f"{who}: `shortcut` must be on `u`'s device {u.device}, got {shortcut.device}"
+        )
 
 
 def _broadcastable(stat: Tensor, ndim: int, cdim: int) -> Tensor:
@@ -104,6 +158,11 @@ def _calibrated(u: Tensor, mu: Tensor, sigma: Tensor, eps: float, pdf: bool) -> 
 def _forward(
     u: Tensor, shortcut: Tensor | None, mu: Tensor, sigma: Tensor, eps: float, pdf: bool, relu: bool
 ) -> Tensor:
+    """The whole chain, ``[relu](shortcut + u + w u)``, on broadcastable statistics.
+
+    Also the documented internal seam of ``benchmarks/bench_calibration.py`` (which compiles
+    it with inductor's own autograd as an ablation): keep its signature.
+    """
     out = _calibrated(u, mu, sigma, eps, pdf)
     if shortcut is not None:
         out = out + shortcut.to(out.dtype)
@@ -152,8 +211,8 @@ class _CalibrationFunction(torch.autograd.Function):
     """Fused forward and hand-written fused backward, each one (compiled) kernel.
 
     Letting inductor differentiate the chain itself is slower on CPU: it stores the ReLU mask
-    as a bool tensor, which its CPU backend writes element by element (training forward 36 ms vs
-    2.8 ms here on CPU, torch 2.13; rows of ``benchmarks/bench_calibration.py``).
+    as a bool tensor, which its CPU backend writes element by element (the ablation rows of
+    ``benchmarks/bench_calibration.py``; figures in ``docs/methods/calibration.md``).
     """
 
     @staticmethod
@@ -183,9 +242,19 @@ class _CalibrationFunction(torch.autograd.Function):
         return grad_u, shortcut_grad, grad_mu, grad_sigma, None, None, None
 
 
-def _apply(
-    u: Tensor, shortcut: Tensor | None, mu: Tensor, sigma: Tensor, eps: float, pdf: bool, relu: bool
+def _calibrate(
+    u: Tensor,
+    shortcut: Tensor | None,
+    mu: Tensor,
+    sigma: Tensor,
+    eps: float,
+    confidence: str,
+    cdim: int,
+    relu: bool,
 ) -> Tensor:
+    """The checked arguments' calibration (shared by the module and the functional forms)."""
+    mu, sigma = _broadcastable(mu, u.ndim, cdim), _broadcastable(sigma, u.ndim, cdim)
+    pdf = confidence == "pdf"
     tensors = (u, mu, sigma) if shortcut is None else (u, shortcut, mu, sigma)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _CalibrationFunction.apply(u, shortcut, mu, sigma, eps, pdf, relu)
@@ -198,8 +267,8 @@ def response_calibration(
     sigma: Tensor,
     eps: float = 1e-5,
     *,
-    confidence: str = "cdf",
-    channel_dim: int = 1,
+    confidence: Confidence = "cdf",
+    channel_dim: ChannelDim = 1,
 ) -> Tensor:
     """Calibrate a response tensor: ``u + w * u`` with a Gaussian confidence ``w``.
 
@@ -207,22 +276,30 @@ def response_calibration(
     token dims), ``w = Phi(-|z|) = erfc(|z| / sqrt(2)) / 2`` for ``confidence="cdf"`` (the
     official ResCNet code) or ``w = exp(-z^2 / 2)`` for ``"pdf"``. The chain runs as one fused
     kernel (see :func:`torch_recal.set_compile`), computed in at least float32 and returned
-    in ``u``'s dtype.
+    in ``u``'s dtype. Like a PyTorch op it checks types, shapes, dtypes and devices, not
+    values (NaN in, NaN out).
 
     Paper: Xu et al., "Deep feature response discriminative calibration",
     https://arxiv.org/abs/2411.13582
 
     Args:
-        u: responses, shape ``(N, C, *spatial)`` (``channel_dim=1``) or ``(N, *tokens, C)``
-            (``channel_dim=-1``), with at least one spatial/token dim.
-        mu: means, shape ``(N, C)`` (per sample) or ``(C,)`` (shared).
-        sigma: standard deviations, same shape rules as ``mu``; must be non-negative.
+        u: responses, a floating-point tensor of shape ``(N, C, *spatial)``
+            (``channel_dim=1``) or ``(N, *tokens, C)`` (``channel_dim=-1``), with at least
+            one spatial/token dim.
+        mu: means, shape ``(N, C)`` (per sample) or ``(C,)`` (shared), floating point, on
+            ``u``'s device (any floating dtype: cast to the compute dtype).
+        sigma: standard deviations, same rules as ``mu``; should be non-negative.
         eps: positive constant added to ``sigma``.
         confidence: ``"cdf"`` (default) or ``"pdf"``.
         channel_dim: ``1`` or ``-1``.
 
     Returns:
         Tensor of ``u``'s shape and dtype.
+
+    Raises:
+        TypeError: ``u``, ``mu`` or ``sigma`` is not a floating-point tensor, or an option
+            has the wrong type.
+        ValueError: a shape or device does not match, or an option is out of range.
 
     Example:
         >>> import torch
@@ -232,9 +309,12 @@ def response_calibration(
         >>> out.shape
         torch.Size([2, 8, 4, 4])
     """
-    cdim = _check_response_args(u, mu, sigma, eps, confidence, channel_dim, "response_calibration")
-    mu_b, sigma_b = _broadcastable(mu, u.ndim, cdim), _broadcastable(sigma, u.ndim, cdim)
-    return _apply(u, None, mu_b, sigma_b, float(eps), confidence == "pdf", False)
+    who = "response_calibration"
+    eps, confidence, channel_dim = _check_options(eps, confidence, channel_dim, who=who)
+    cdim = _check_response(u, channel_dim, who=who)
+    _check_statistic(mu, "mu", u, cdim, who=who)
+    _check_statistic(sigma, "sigma", u, cdim, who=who)
+    return _calibrate(u, None, mu, sigma, eps, confidence, cdim, False)
 
 
 def response_calibration_residual(
@@ -244,8 +324,8 @@ def response_calibration_residual(
     sigma: Tensor,
     eps: float = 1e-5,
     *,
-    confidence: str = "cdf",
-    channel_dim: int = 1,
+    confidence: Confidence = "cdf",
+    channel_dim: ChannelDim = 1,
     relu: bool = True,
 ) -> Tensor:
     """Fused residual-block tail: ``relu(shortcut + u + w * u)``.
@@ -258,7 +338,8 @@ def response_calibration_residual(
 
     Args:
         u: residual-branch responses, as in :func:`response_calibration`.
-        shortcut: the identity/projection branch, same shape as ``u``.
+        shortcut: the identity/projection branch, a floating-point tensor of ``u``'s shape
+            on ``u``'s device.
         mu: means, ``(N, C)`` or ``(C,)``.
         sigma: standard deviations, ``(N, C)`` or ``(C,)``.
         eps: positive constant added to ``sigma``.
@@ -269,6 +350,11 @@ def response_calibration_residual(
     Returns:
         Tensor of ``u``'s shape and dtype.
 
+    Raises:
+        TypeError: a tensor argument is not a floating-point tensor, or an option has the
+            wrong type.
+        ValueError: a shape or device does not match, or an option is out of range.
+
     Example:
         >>> import torch
         >>> from torch_recal.functional import response_calibration_residual
@@ -277,13 +363,14 @@ def response_calibration_residual(
         >>> bool((out >= 0).all())
         True
     """
-    fn = "response_calibration_residual"
-    cdim = _check_response_args(u, mu, sigma, eps, confidence, channel_dim, fn)
-    if not isinstance(shortcut, Tensor) or shortcut.shape != u.shape:
-        got = tuple(shortcut.shape) if isinstance(shortcut, Tensor) else type(shortcut).__name__
-        raise ValueError(f"{fn}: `shortcut` must have u's shape {tuple(u.shape)}, got {got}")
-    mu_b, sigma_b = _broadcastable(mu, u.ndim, cdim), _broadcastable(sigma, u.ndim, cdim)
-    return _apply(u, shortcut, mu_b, sigma_b, float(eps), confidence == "pdf", bool(relu))
+    who = "response_calibration_residual"
+    eps, confidence, channel_dim = _check_options(eps, confidence, channel_dim, who=who)
+    relu = check_flag(relu, "relu", who=who)
+    cdim = _check_response(u, channel_dim, who=who)
+    _check_shortcut(shortcut, u, who=who)
+    _check_statistic(mu, "mu", u, cdim, who=who)
+    _check_statistic(sigma, "sigma", u, cdim, who=who)
+    return _calibrate(u, shortcut, mu, sigma, eps, confidence, cdim, relu)
 
 
 # --- gradient-coherent strong regularisation (torch_recal.coherent) -------------------------

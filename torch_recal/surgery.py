@@ -21,18 +21,35 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import nn
+from typing_extensions import TypedDict, Unpack
 
-from torch_recal.calibration import ResponseCalibration
+from torch_recal._checks import check_flag, check_instance, check_int
+from torch_recal.calibration import ResponseCalibration, Stats, _check_dtype, _check_layer_options
+from torch_recal.functional import ChannelDim, Confidence
 
 __all__ = ["calibrate", "is_calibrated", "register_block", "uncalibrate"]
 
 ChannelsSpec = int | Callable[[nn.Module], int] | None
 Predicate = Callable[[str, nn.Module], bool]
+
+
+class LayerOptions(TypedDict, total=False):
+    """Options of the inserted :class:`ResponseCalibration` layers (``calibrate(**options)``)."""
+
+    eps: float
+    confidence: Confidence
+    stats: Stats
+    channel_dim: ChannelDim
+    device: torch.device | str | None
+    dtype: torch.dtype | None
+
+
+_LAYER_OPTIONS = ("eps", "confidence", "stats", "channel_dim", "device", "dtype")
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,12 @@ def register_block(
         channels: channel count, or a callable ``block -> int``; inferred from the
             ``after`` module (``num_features``, ``num_channels``, ...) when omitted.
 
+    Raises:
+        TypeError: ``block_cls`` is not an ``nn.Module`` class, or an argument has the wrong
+            type.
+        ValueError: neither or both of ``after`` and ``slot``, an empty name, or
+            ``channels < 1``.
+
     Example:
         >>> from torch import nn
         >>> import torch_recal
@@ -112,20 +135,22 @@ def register_block(
         >>> torch_recal.is_calibrated(model)
         True
     """
+    who = "register_block"
     if not (isinstance(block_cls, type) and issubclass(block_cls, nn.Module)):
-        raise TypeError(
-            f"register_block: `block_cls` must be an nn.Module class, not {block_cls!r}"
-        )
-    if (after is None) == (slot is None):
-        raise ValueError("register_block: give exactly one of `after=` or `slot=`")
+        raise TypeError(f"{who}: `block_cls` must be an nn.Module class, got {block_cls!r}")
     for name, value in (("after", after), ("slot", slot)):
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ValueError(f"register_block: `{name}` must be a non-empty str, got {value!r}")
-    bad_int = isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0
-    if channels is not None and not callable(channels) and bad_int:
+        if value is not None and not isinstance(value, str):
+            raise TypeError(
+                f"{who}: `{name}` must be a str or None, got {value!r} ({type(value).__name__})"
+            )
+        if value == "":
+            raise ValueError(f"{who}: `{name}` must be a non-empty str, got ''")
+    if (after is None) == (slot is None):
         raise ValueError(
-            f"register_block: `channels` must be a positive int or a callable, got {channels!r}"
+            f"{who}: give exactly one of `after` or `slot`, got after={after!r}, slot={slot!r}"
         )
+    if channels is not None and not callable(channels):
+        channels = check_int(channels, "channels", who=who, minimum=1)
     _REGISTRY[block_cls] = _BlockPolicy(after=after, slot=slot, channels=channels)
 
 
@@ -223,8 +248,20 @@ def _make(
     return ResponseCalibration(channels, reduction, **kwargs)
 
 
+def _check_model(model: Any, who: str) -> nn.Module:
+    return check_instance(model, "model", nn.Module, who=who, what="an nn.Module")
+
+
 def is_calibrated(model: nn.Module) -> bool:
     """Return whether ``model`` contains a calibration inserted by :func:`calibrate`.
+
+    Paper: Xu et al., https://arxiv.org/abs/2411.13582
+
+    Args:
+        model: any module.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
 
     Example:
         >>> from torch_recal import calibrate, is_calibrated
@@ -233,6 +270,7 @@ def is_calibrated(model: nn.Module) -> bool:
         >>> is_calibrated(model), is_calibrated(calibrate(model))
         (False, True)
     """
+    _check_model(model, "is_calibrated")
     return any(
         isinstance(m, _CalibratedOutput) or getattr(m, "_recal_filled_slot", None) is not None
         for m in model.modules()
@@ -249,7 +287,7 @@ def calibrate(
     targets: Iterable[str] | Predicate | None = None,
     inplace: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
-    **layer_kwargs: Any,
+    **layer_kwargs: Unpack[LayerOptions],
 ) -> nn.Module:
     """Insert a :class:`ResponseCalibration` into every residual block of ``model``.
 
@@ -263,23 +301,33 @@ def calibrate(
     twice changes nothing; :func:`uncalibrate` undoes it. Create the optimizer after
     calling it, or pass ``optimizer=`` to add the new parameters as a param group.
 
+    Every edit is planned and checked before the first one is made: after an error the
+    model and the optimizer are exactly as they were.
+
     Paper: Xu et al., https://arxiv.org/abs/2411.13582
 
     Args:
         model: the model to change.
         reduction: MLP reduction of each inserted layer (4 in the paper's CIFAR models, 16
             in its ImageNet models).
-        targets: names or a predicate selecting the layers to calibrate instead of blocks.
+        targets: names or a predicate selecting the layers to calibrate instead of blocks
+            (a predicate never selects the layers inside an inserted calibration).
         inplace: change ``model`` itself (default) or a deep copy of it.
-        optimizer: if given, the new parameters are added to it as one param group.
+        optimizer: if given, the new parameters are added to it as one param group (only
+            with ``inplace=True``: the optimizer holds the original model's parameters).
         **layer_kwargs: passed to :class:`ResponseCalibration` (``eps``, ``confidence``,
-            ``stats``, ``channel_dim``).
+            ``stats``, ``channel_dim``, ``device``, ``dtype``; by default the device and
+            dtype of the layer that is calibrated).
 
     Returns:
         The calibrated model (``model`` itself when ``inplace=True``).
 
     Raises:
-        ValueError: nothing matched, an unknown target name, or bad layer arguments.
+        TypeError: an argument of the wrong type (``model``, ``optimizer``, ``targets`` or
+            its entries, a layer option) or an unknown layer option.
+        ValueError: nothing matched, an unknown or repeated target name, two blocks that
+            share the module to calibrate, a layer whose channels cannot be inferred, or a
+            bad layer option value.
 
     Example:
         >>> import torch
@@ -289,15 +337,42 @@ def calibrate(
         >>> model(torch.randn(2, 1, 28, 28)).shape
         torch.Size([2, 10])
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"calibrate: `model` must be an nn.Module, got {type(model).__name__}")
+    who = "calibrate"
+    _check_model(model, who)
+    options = dict(layer_kwargs)
+    unknown = sorted(set(options) - set(_LAYER_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"{who}: unexpected keyword argument `{unknown[0]}`; the layer options are "
+            + ", ".join(_LAYER_OPTIONS)
+        )
+    reduction, *_ = _check_layer_options(
+        reduction,
+        options.get("eps", 1e-5),
+        options.get("confidence", "cdf"),
+        options.get("stats", "predicted"),
+        options.get("channel_dim", 1),
+        who=who,
+    )
+    _check_dtype(options.get("dtype"), who=who)
+    inplace = check_flag(inplace, "inplace", who=who)
+    if optimizer is not None:
+        check_instance(
+            optimizer, "optimizer", torch.optim.Optimizer, who=who,
+            what="a torch.optim.Optimizer or None",
+        )  # fmt: skip
+        if not inplace:
+            raise ValueError(
+                f"{who}: `optimizer` needs inplace=True (it holds the parameters of the "
+                "original model, not of the copy); create the copy's optimizer after calibrate"
+            )
+    names = None if targets is None or _is_predicate(targets) else _check_target_names(targets)
     if not inplace:
         model = copy.deepcopy(model)
     # Plan every edit first (this is where errors are raised), then apply: no half-edits.
-    edits: list[Callable[[], None]] = []
-    new_params: list[nn.Parameter] = []
+    plan = _Plan()
     if targets is None:
-        recognised = _plan_blocks(model, reduction, layer_kwargs, edits, new_params)
+        recognised = _plan_blocks(model, reduction, options, plan)
         if recognised == 0:
             raise ValueError(
                 f"calibrate: no residual block recognised in {type(model).__name__}. Looked "
@@ -306,12 +381,37 @@ def calibrate(
                 "after='bn2')."
             )
     else:
-        _plan_targets(model, targets, reduction, layer_kwargs, edits, new_params)
-    for edit in edits:
+        chosen = names if names is not None else _select(model, cast(Predicate, targets))
+        _plan_targets(model, chosen, reduction, options, plan)
+    if optimizer is not None and plan.new_params:
+        optimizer.add_param_group({"params": plan.new_params})
+    for edit in plan.edits:
         edit()
-    if optimizer is not None and new_params:
-        optimizer.add_param_group({"params": new_params})
     return model
+
+
+def _is_predicate(targets: object) -> bool:
+    return callable(targets) and not isinstance(targets, (str, type))
+
+
+def _check_target_names(targets: object) -> list[str]:
+    who = "calibrate"
+    if isinstance(targets, str) or not isinstance(targets, Iterable):
+        raise TypeError(
+            f"{who}: `targets` must be a list of module names or a predicate "
+            f"(name, module) -> bool, got {targets!r} ({type(targets).__name__})"
+        )
+    names = list(targets)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(
+                f"{who}: `targets` must hold module names (str), got {name!r} "
+                f"({type(name).__name__})"
+            )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{who}: `targets` names {repeated} more than once")
+    return names
 
 
 def _known_blocks() -> str:
@@ -321,27 +421,54 @@ def _known_blocks() -> str:
     return ", ".join(names)
 
 
+@dataclass
+class _Plan:
+    """The planned edits, the new parameters, and which module each edit claims."""
+
+    edits: list[Callable[[], None]] = field(default_factory=list)
+    new_params: list[nn.Parameter] = field(default_factory=list)
+    claimed: dict[int, str] = field(default_factory=dict)
+
+    def claim(self, module: nn.Module, where: str, hint: str) -> None:
+        """Refuse a second edit of the same module (its class would be swapped twice)."""
+        previous = self.claimed.get(id(module))
+        if previous is not None:
+            raise ValueError(
+                f"calibrate: {previous} and {where} share one {type(module).__name__} to "
+                f"calibrate after; {hint}"
+            )
+        self.claimed[id(module)] = where
+
+    def add(self, edit: Callable[[], None], layer: ResponseCalibration) -> None:
+        self.edits.append(edit)
+        self.new_params.extend(layer.parameters())
+
+
 def _plan_blocks(
-    model: nn.Module,
-    reduction: int,
-    layer_kwargs: dict[str, Any],
-    edits: list[Callable[[], None]],
-    new_params: list[nn.Parameter],
+    model: nn.Module, reduction: int, layer_kwargs: dict[str, Any], plan: _Plan
 ) -> int:
     recognised = 0
+    hint = "give each block its own module, or pick the layers with targets="
     for name, block in model.named_modules():
         policy = _policy_for(block)
         if policy is None:
             continue
         recognised += 1
-        where = f"{name or 'model'} ({type(block).__name__})"
+        where = f"`{name or 'model'}` ({type(block).__name__})"
         if policy.after is not None:
-            target = block.get_submodule(policy.after)
+            try:
+                target = block.get_submodule(policy.after)
+            except AttributeError:
+                raise ValueError(
+                    f"calibrate: the `after` module {policy.after!r} of the policy for "
+                    f"{type(block).__name__} is not a submodule of {where}"
+                ) from None
             if isinstance(target, _CalibratedOutput):
                 continue
+            plan.claim(target, f"{where}.{policy.after}", hint)
             channels = policy.target_channels(block, target)
             layer = _make(channels, reduction, layer_kwargs, block, 1)
-            edits.append(functools.partial(_attach_after, target, layer))
+            plan.add(functools.partial(_attach_after, target, layer), layer)
         else:
             slot = policy.slot
             assert slot is not None
@@ -355,10 +482,10 @@ def _plan_blocks(
             channels = policy.target_channels(block, None)
             layer = _make(channels, reduction, layer_kwargs, block, 1)
             if occupant is None or isinstance(occupant, nn.Identity):
-                edits.append(functools.partial(_fill_slot, block, slot, layer, occupant))
+                plan.add(functools.partial(_fill_slot, block, slot, layer, occupant), layer)
             else:
-                edits.append(functools.partial(_attach_after, occupant, layer))
-        new_params.extend(layer.parameters())
+                plan.claim(occupant, f"{where}.{slot}", hint)
+                plan.add(functools.partial(_attach_after, occupant, layer), layer)
     return recognised
 
 
@@ -371,37 +498,39 @@ def _fill_slot(block: nn.Module, slot: str, layer: nn.Module, occupant: nn.Modul
     block.__dict__["_recal_filled_slot"] = (slot, occupant)  # plain attribute, not a child
 
 
+def _select(model: nn.Module, predicate: Predicate) -> list[str]:
+    """The names the predicate picks, leaving out the layers inside inserted calibrations."""
+    inside = {
+        id(m) for rc in model.modules() if isinstance(rc, ResponseCalibration) for m in rc.modules()
+    }
+    return [n for n, m in model.named_modules() if id(m) not in inside and predicate(n, m)]
+
+
 def _plan_targets(
     model: nn.Module,
-    targets: Iterable[str] | Predicate,
+    chosen: list[str],
     reduction: int,
     layer_kwargs: dict[str, Any],
-    edits: list[Callable[[], None]],
-    new_params: list[nn.Parameter],
+    plan: _Plan,
 ) -> None:
-    modules = dict(model.named_modules())
-    if callable(targets):
-        chosen = [n for n, m in modules.items() if targets(n, m)]
-    elif isinstance(targets, str):
-        raise TypeError("calibrate: `targets` must be a list of module names, not a single str")
-    else:
-        chosen = list(targets)
-        unknown = [n for n in chosen if n not in modules]
-        if unknown:
-            raise ValueError(
-                f"calibrate: targets {unknown} are not module names of {type(model).__name__} "
-                "(see model.named_modules())"
-            )
+    modules = dict(model.named_modules(remove_duplicate=False))
+    unknown = [n for n in chosen if n not in modules]
+    if unknown:
+        raise ValueError(
+            f"calibrate: `targets` {unknown} are not module names of {type(model).__name__} "
+            "(see model.named_modules())"
+        )
     if not chosen:
         raise ValueError("calibrate: `targets` selected no module")
+    hint = "name each module once in `targets`"
     for name in chosen:
         target = modules[name]
         if isinstance(target, _CalibratedOutput):
             continue
+        plan.claim(target, f"target `{name}`", hint)
         channels = _infer_channels(target, name)
         layer = _make(channels, reduction, layer_kwargs, target, _default_channel_dim(target))
-        edits.append(functools.partial(_attach_after, target, layer))
-        new_params.extend(layer.parameters())
+        plan.add(functools.partial(_attach_after, target, layer), layer)
 
 
 def uncalibrate(model: nn.Module, *, inplace: bool = True) -> nn.Module:
@@ -416,6 +545,9 @@ def uncalibrate(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     Returns:
         The model, with the original module classes, slots and ``state_dict`` keys.
 
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``inplace`` is not a bool.
+
     Example:
         >>> from torch_recal import calibrate, uncalibrate
         >>> from torch_recal.models import resnet20
@@ -424,6 +556,9 @@ def uncalibrate(model: nn.Module, *, inplace: bool = True) -> nn.Module:
         >>> set(uncalibrate(calibrate(model)).state_dict()) == keys
         True
     """
+    who = "uncalibrate"
+    _check_model(model, who)
+    inplace = check_flag(inplace, "inplace", who=who)
     if not inplace:
         model = copy.deepcopy(model)
     for module in list(model.modules()):
