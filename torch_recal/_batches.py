@@ -6,17 +6,27 @@ pair only, and anything else gets a ``TypeError`` that says how to write a ``bat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "BatchFn", "call_model", "check_batch_fn", "split_batch"]
+__all__ = ["Batch", "BatchFn", "call_model", "check_batch_fn", "check_loader", "split_batch"]
 
 Batch = tuple[Any, Any]
 """What a ``batch_fn`` returns: ``(inputs_or_features, labels_or_targets)``."""
 BatchFn = Callable[[Any], Batch]
+
+
+def check_loader(loader: Any, *, who: str) -> Iterable[Any]:
+    """An iterable of batches (a DataLoader, a list, a generator); ``TypeError`` otherwise."""
+    if isinstance(loader, (str, bytes, Mapping)) or not isinstance(loader, Iterable):
+        raise TypeError(
+            f"{who}: `loader` must be an iterable of batches (a DataLoader, a list), "
+            f"got {type(loader).__name__}"
+        )
+    return loader
 
 
 def check_batch_fn(batch_fn: Any, *, who: str) -> BatchFn | None:

@@ -1,12 +1,10 @@
 """Fast retraining: closed-form (MP-inverse / ridge) refit of dense layers, streamed.
 
 :func:`pinv_refit_dense` solves ``min ||H W^T + b - T||^2 + ridge * ||W||^2`` (bias not
-penalised: the same solution as scikit-learn's ``Ridge(alpha=ridge, fit_intercept=True)``)
-for a trained network's dense layer (or a stack of them), from one pass over the data, in
-O(d^2 + d k) memory. The statistics and the solver are :class:`~torch_recal.NormalEquations`
-(:mod:`torch_recal.ridge`); the per-epoch random layer freezing of the same paper is
-:class:`~torch_recal.RandomLayerTraining` (:mod:`torch_recal.layer_sampling`). Both are
-re-exported here, so ``from torch_recal.refit import NormalEquations`` keeps working.
+penalised) for a trained network's dense layer (or a stack of them), from one pass over the
+data, in O(d^2 + d k) memory, with :class:`~torch_recal.NormalEquations`
+(:mod:`torch_recal.ridge`). :class:`~torch_recal.RandomLayerTraining`
+(:mod:`torch_recal.layer_sampling`) is re-exported here, as ``NormalEquations`` is.
 
 Papers: Wu, Zhang, Yang, "Deep Networks with Fast Retraining", https://arxiv.org/abs/2008.07387;
 Yang et al., "Recomputation of the dense layers for the performance improvement of DCNN",
@@ -26,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_recal import _dist
-from torch_recal._batches import BatchFn, call_model, check_batch_fn, split_batch
+from torch_recal._batches import BatchFn, call_model, check_batch_fn, check_loader, split_batch
 from torch_recal._checks import (
     check_choice,
     check_device,
@@ -65,8 +63,7 @@ class RefitResult:
         accuracy: argmax accuracy of the new weights on the data seen (a second pass, only
             with ``evaluate=True`` and class labels), else ``None``.
         solver: ``"cholesky"`` or ``"eigh"``.
-        condition: condition estimate of the solved system (see
-            :class:`~torch_recal.ridge.RidgeSolution`).
+        condition: condition estimate of the solved system (see ``RidgeSolution``).
         seconds: wall time of the whole call.
         ridge: the penalty used.
         layers: for a stack of dense layers, one result per ``nn.Linear`` (first to last,
@@ -98,11 +95,9 @@ _MODULE_INVERSES = {nn.Identity: "identity", nn.ReLU: "identity", nn.Sigmoid: "l
 
 def _inverse_activation(spec: Any) -> Callable[[Tensor], Tensor]:
     """The target transform for ``inverse_activation`` or for a stack's activation module."""
-    if spec is None:
-        return _INVERSE_FNS["identity"]
     for module_type, name in _MODULE_INVERSES.items():
-        if isinstance(spec, module_type):
-            return _INVERSE_FNS[name]
+        spec = name if isinstance(spec, module_type) else spec
+    spec = "identity" if spec is None else spec
     if isinstance(spec, str) and spec in _INVERSE_FNS:
         return _INVERSE_FNS[spec]
     if callable(spec) and not isinstance(spec, nn.Module):
@@ -212,8 +207,7 @@ def _make_targets(
         if t.shape != (n, k):
             raise ValueError(
                 f"{_WHO}: with targets='raw', the targets of a `loader` batch must have shape "
-                f"({n}, {k}), "
-                f"got {tuple(t.shape)}"
+                f"({n}, {k}), got {tuple(t.shape)}"
             )
         if not torch.isfinite(t).all():
             raise ValueError(f"{_WHO}: the targets of a `loader` batch contain inf or nan")
@@ -339,11 +333,10 @@ def pinv_refit_dense(
         A :class:`RefitResult`.
 
     Raises:
-        TypeError: a wrong type (``loader=None``, ``num_classes="3"``, a batch that is not a
-            pair and no ``batch_fn``, integer features, float labels).
-        ValueError: an empty loader (also on the second, evaluation pass), non-finite
-            features, width mismatch, labels out of range, ``ridge < 0`` and other bad
-            values. ``layer`` is unchanged after any error.
+        TypeError: a wrong type (``loader=None``, a batch that is not a pair and no
+            ``batch_fn``, float labels, ...).
+        ValueError: a bad value (an empty loader, also on the evaluation pass, NaN features,
+            labels out of range, ...). ``layer`` is unchanged after any error.
 
     Example:
         >>> import torch
@@ -366,11 +359,7 @@ def pinv_refit_dense(
     """
     t0 = time.perf_counter()
     linears, acts = _unpack_stack(layer)
-    if loader is None or isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
-        raise TypeError(
-            f"{_WHO}: `loader` must be an iterable of batches (a DataLoader, a list), "
-            f"got {type(loader).__name__}"
-        )
+    check_loader(loader, who=_WHO)
     if model is not None:
         check_instance(model, "model", nn.Module, who=_WHO, what="an nn.Module or None")
     ridge = check_real(ridge, "ridge", who=_WHO, minimum=0)
@@ -393,6 +382,11 @@ def pinv_refit_dense(
             f"targets={targets!r}, got {num_classes}"
         )
     one_shot = isinstance(loader, Iterator)
+    if one_shot and len(linears) > 1:
+        raise ValueError(
+            f"{_WHO}: a stack `layer` needs one pass per layer; `loader` must be re-iterable "
+            "(a list or DataLoader), not a one-shot iterator"
+        )
 
     if model is not None:  # write to FSDP2's sharded parameters, never to gathered copies
         _dist.reshard_fsdp(model)
@@ -407,11 +401,6 @@ def pinv_refit_dense(
     try:
         with torch.no_grad():
             for idx in range(len(linears)):
-                if one_shot and idx > 0:
-                    raise ValueError(
-                        f"{_WHO}: a stack needs one pass per layer; `loader` must be "
-                        "re-iterable (a list or DataLoader), not a one-shot iterator"
-                    )
                 final = _refit_one(run, idx, step_size, start, assign or idx < len(linears) - 1)
                 results.append(final)
             acc = None
