@@ -1,4 +1,4 @@
-"""pinv_refit_dense, NormalEquations, RandomLayerTraining against independent references.
+"""pinv_refit_dense against independent references.
 
 References: scikit-learn ``Ridge`` (solver "svd" and "cholesky"), numpy least squares, and
 hand formulas; never the library's own output.
@@ -6,6 +6,8 @@ hand formulas; never the library's own output.
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import subprocess
 import sys
@@ -19,34 +21,10 @@ from sklearn.linear_model import Ridge
 from torch import nn
 
 from tests.distributed import needs_fsdp2, run_distributed
-from torch_recal import NormalEquations, RandomLayerTraining, pinv_refit_dense
-from torch_recal.refit import _gram_block
+from tests.lstsq_data import OnePass, batches, make_data, onehot, rel
+from torch_recal import pinv_refit_dense
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _data(n=600, d=12, k=4, seed=0, scales=None, offset=0.0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g, dtype=torch.float64)
-    if scales is not None:
-        h = h * scales
-    h = h + offset
-    y = (h @ torch.randn(d, k, generator=g, dtype=torch.float64)).argmax(1)
-    y[:k] = torch.arange(k)  # every class present
-    return h.to(dtype), y
-
-
-def _loader(h, y, batch_size):
-    return [(h[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
-
-
-def _onehot(y, k):
-    return np.eye(k)[y.numpy()]
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
 
 def _params(layer):
@@ -64,23 +42,23 @@ def _unchanged(layer, before):
 @pytest.mark.parametrize("ridge", [0.0, 1e-3, 10.0])
 @pytest.mark.parametrize("targets", ["onehot", "bipolar"])
 def test_refit_matches_sklearn_ridge_with_unpenalised_intercept(ridge, targets):
-    h, y = _data()
+    h, y = make_data()
     fc = nn.Linear(12, 4).double()
-    res = pinv_refit_dense(fc, _loader(h, y, 64), ridge=ridge, targets=targets)
-    t = _onehot(y, 4)
+    res = pinv_refit_dense(fc, batches(h, y, 64), ridge=ridge, targets=targets)
+    t = onehot(y, 4)
     if targets == "bipolar":
         t = 2 * t - 1
     for solver in ("svd", "cholesky"):
         sk = Ridge(alpha=ridge, solver=solver).fit(h.numpy(), t)
-        assert _rel(fc.weight.detach(), sk.coef_) < 1e-5
-        assert _rel(fc.bias.detach(), sk.intercept_) < 1e-5
+        assert rel(fc.weight.detach(), sk.coef_) < 1e-5
+        assert rel(fc.bias.detach(), sk.intercept_) < 1e-5
     # independent numpy normal equations: augmented [H 1], the bias row/col unpenalised
     ha = np.hstack([h.numpy(), np.ones((len(y), 1))])
     pen = ridge * np.eye(13)
     pen[-1, -1] = 0.0
     sol = np.linalg.solve(ha.T @ ha + pen, ha.T @ t)
-    assert _rel(fc.weight.detach(), sol[:-1].T) < 1e-5
-    assert _rel(fc.bias.detach(), sol[-1]) < 1e-5
+    assert rel(fc.weight.detach(), sol[:-1].T) < 1e-5
+    assert rel(fc.bias.detach(), sol[-1]) < 1e-5
     # result fields against explicit computations
     pred = h.numpy() @ sk.coef_.T + sk.intercept_
     assert res.mse == pytest.approx(((pred - t) ** 2).mean(), rel=1e-6, abs=1e-12)
@@ -92,86 +70,87 @@ def test_refit_matches_sklearn_ridge_with_unpenalised_intercept(ridge, targets):
 
 def test_refit_badly_scaled_features_with_large_offset():
     scales = torch.logspace(-3, 3, 12, dtype=torch.float64)
-    h, y = _data(scales=scales, offset=1e3)
+    h, y = make_data(scales=scales, offset=1e3)
     fc = nn.Linear(12, 4).double()
-    pinv_refit_dense(fc, _loader(h, y, 100), ridge=1e-3)
-    sk = Ridge(alpha=1e-3, solver="svd").fit(h.numpy(), _onehot(y, 4))
-    assert _rel(fc.weight.detach(), sk.coef_) < 1e-5
-    assert _rel(fc.bias.detach(), sk.intercept_) < 1e-5
+    pinv_refit_dense(fc, batches(h, y, 100), ridge=1e-3)
+    sk = Ridge(alpha=1e-3, solver="svd").fit(h.numpy(), onehot(y, 4))
+    assert rel(fc.weight.detach(), sk.coef_) < 1e-5
+    assert rel(fc.bias.detach(), sk.intercept_) < 1e-5
 
 
 def test_refit_batch_size_does_not_change_result():
-    h, y = _data(n=301)
-    sk = Ridge(alpha=0.1, solver="svd").fit(h.numpy(), _onehot(y, 4))
+    h, y = make_data(n=301)
+    sk = Ridge(alpha=0.1, solver="svd").fit(h.numpy(), onehot(y, 4))
     weights = []
     for bs in (1, 7, 64, 301):
         fc = nn.Linear(12, 4).double()
-        pinv_refit_dense(fc, _loader(h, y, bs), ridge=0.1, evaluate=False)
-        assert _rel(fc.weight.detach(), sk.coef_) < 1e-5
+        pinv_refit_dense(fc, batches(h, y, bs), ridge=0.1, evaluate=False)
+        assert rel(fc.weight.detach(), sk.coef_) < 1e-5
         weights.append(fc.weight.detach())
     for w in weights[1:]:
         assert torch.allclose(w, weights[0], rtol=0, atol=1e-10)
 
 
 def test_refit_float32_layer_and_raw_targets_without_bias():
-    h, _ = _data()
+    h, _ = make_data()
     g = torch.Generator().manual_seed(1)
     t = h @ torch.randn(12, 3, generator=g, dtype=torch.float64)
     fc = nn.Linear(12, 3, bias=False)  # float32 layer, float64 features
-    res = pinv_refit_dense(fc, _loader(h, t, 50), ridge=0.5, targets="raw")
+    res = pinv_refit_dense(fc, batches(h, t, 50), ridge=0.5, targets="raw")
     sk = Ridge(alpha=0.5, fit_intercept=False, solver="svd").fit(h.numpy(), t.numpy())
     assert fc.weight.dtype == torch.float32
-    assert _rel(fc.weight.detach(), sk.coef_) < 1e-6
+    assert rel(fc.weight.detach(), sk.coef_) < 1e-6
     assert res.bias is None
     assert res.accuracy is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_refit_half_precision_features_within_documented_tolerance(dtype):
-    h, y = _data(n=800, d=16, dtype=dtype)
+    h, y = make_data(n=800, d=16, dtype=dtype)
     fc = nn.Linear(16, 4)
-    res = pinv_refit_dense(fc, _loader(h, y, 128), ridge=1e-2)
+    res = pinv_refit_dense(fc, batches(h, y, 128), ridge=1e-2)
     assert torch.isfinite(res.weight).all()
     assert torch.isfinite(res.bias).all()
     # reference on the same (rounded) features in float64; documented: 1e-3 relative
-    sk = Ridge(alpha=1e-2, solver="svd").fit(h.double().numpy(), _onehot(y, 4))
-    assert _rel(fc.weight.detach(), sk.coef_) < 1e-3
-    assert _rel(fc.bias.detach(), sk.intercept_) < 1e-3
+    sk = Ridge(alpha=1e-2, solver="svd").fit(h.double().numpy(), onehot(y, 4))
+    assert rel(fc.weight.detach(), sk.coef_) < 1e-3
+    assert rel(fc.bias.detach(), sk.intercept_) < 1e-3
 
 
 def test_refit_logit_inverse_activation_matches_ridge_on_logit_targets():
-    h, y = _data()
+    h, y = make_data()
     fc = nn.Linear(12, 4).double()
-    pinv_refit_dense(fc, _loader(h, y, 128), ridge=1.0, inverse_activation="logit")
-    t = np.clip(_onehot(y, 4), 1e-3, 1 - 1e-3)
+    pinv_refit_dense(fc, batches(h, y, 128), ridge=1.0, inverse_activation="logit")
+    t = np.clip(onehot(y, 4), 1e-3, 1 - 1e-3)
     sk = Ridge(alpha=1.0, solver="svd").fit(h.numpy(), np.log(t / (1 - t)))
-    assert _rel(fc.weight.detach(), sk.coef_) < 1e-5
+    assert rel(fc.weight.detach(), sk.coef_) < 1e-5
 
 
 def test_refit_start_current_and_step_size_follow_the_update_rule():
-    h, y = _data()
-    t = _onehot(y, 4)
+    h, y = make_data()
+    t = onehot(y, 4)
     fc = nn.Linear(12, 4).double()
     w0, b0 = fc.weight.detach().numpy().copy(), fc.bias.detach().numpy().copy()
     # start="current": ridge on the residual, W = W0 + delta, penalty on ||W - W0||
-    pinv_refit_dense(fc, _loader(h, y, 100), ridge=2.0, start="current", step_size=0.5)
+    pinv_refit_dense(fc, batches(h, y, 100), ridge=2.0, start="current", step_size=0.5)
     resid = t - (h.numpy() @ w0.T + b0)
     sk = Ridge(alpha=2.0, solver="svd").fit(h.numpy(), resid)
-    assert _rel(fc.weight.detach(), w0 + 0.5 * sk.coef_) < 1e-5
-    assert _rel(fc.bias.detach(), b0 + 0.5 * sk.intercept_) < 1e-5
+    assert rel(fc.weight.detach(), w0 + 0.5 * sk.coef_) < 1e-5
+    assert rel(fc.bias.detach(), b0 + 0.5 * sk.intercept_) < 1e-5
     # start="zero", step 0.5: halfway from the current weights to the ridge solution
     w1, b1 = fc.weight.detach().numpy().copy(), fc.bias.detach().numpy().copy()
-    pinv_refit_dense(fc, _loader(h, y, 100), ridge=2.0, step_size=0.5)
+    pinv_refit_dense(fc, batches(h, y, 100), ridge=2.0, step_size=0.5)
     sk = Ridge(alpha=2.0, solver="svd").fit(h.numpy(), t)
-    assert _rel(fc.weight.detach(), w1 + 0.5 * (sk.coef_ - w1)) < 1e-5
-    assert _rel(fc.bias.detach(), b1 + 0.5 * (sk.intercept_ - b1)) < 1e-5
+    assert rel(fc.weight.detach(), w1 + 0.5 * (sk.coef_ - w1)) < 1e-5
+    assert rel(fc.bias.detach(), b1 + 0.5 * (sk.intercept_ - b1)) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
 # degenerate problems
 
 
-def test_refit_rank_deficient_and_wide_give_minimum_norm_solution():
+def test_refit_rank_deficient_and_wide_give_minimum_norm_solution(caplog):
+    caplog.set_level(logging.INFO, logger="torch_recal")
     g = torch.Generator().manual_seed(3)
     base = torch.randn(200, 5, generator=g, dtype=torch.float64)
     h = torch.cat([base, base[:, :3] * 2.0, base[:, :2] - base[:, 2:4]], 1)  # rank 5 of 10
@@ -180,14 +159,16 @@ def test_refit_rank_deficient_and_wide_give_minimum_norm_solution():
     y_wide = torch.randint(0, 3, (30,), generator=g)
     for feats, labels in ((h, y), (wide, y_wide)):
         fc = nn.Linear(feats.shape[1], 3).double()
-        res = pinv_refit_dense(fc, _loader(feats, labels, 16), ridge=0.0)
+        caplog.clear()
+        res = pinv_refit_dense(fc, batches(feats, labels, 16), ridge=0.0)
         assert res.solver == "eigh"
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]  # the fallback, logged
         assert torch.isfinite(fc.weight).all()
         hc = feats.numpy() - feats.numpy().mean(0)
-        t = _onehot(labels, 3)
+        t = onehot(labels, 3)
         ref = np.linalg.lstsq(hc, t - t.mean(0), rcond=None)[0]  # minimum-norm
-        assert _rel(fc.weight.detach(), ref.T) < 1e-6
-        assert _rel(fc.bias.detach(), t.mean(0) - feats.numpy().mean(0) @ ref) < 1e-6
+        assert rel(fc.weight.detach(), ref.T) < 1e-6
+        assert rel(fc.bias.detach(), t.mean(0) - feats.numpy().mean(0) @ ref) < 1e-6
 
 
 def test_refit_single_sample_and_single_class():
@@ -199,8 +180,8 @@ def test_refit_single_sample_and_single_class():
     assert torch.allclose(res.bias, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
     assert res.mse == pytest.approx(0.0, abs=1e-12)
     assert res.accuracy == 1.0
-    h, _ = _data(n=50, d=6)
-    res = pinv_refit_dense(fc, _loader(h, torch.zeros(50, dtype=torch.long), 8), ridge=1e-3)
+    h, _ = make_data(n=50, d=6)
+    res = pinv_refit_dense(fc, batches(h, torch.zeros(50, dtype=torch.long), 8), ridge=1e-3)
     assert torch.allclose(res.weight, torch.zeros(3, 6, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(res.bias, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
 
@@ -226,9 +207,9 @@ def test_refit_model_path_equals_feature_path_and_removes_hook():
         model.eval()
         feats = model[:-1](x)
         model.train()
-    res = pinv_refit_dense(fc, _loader(x, y, 32), model=model, ridge=0.1)
-    sk = Ridge(alpha=0.1, solver="svd").fit(feats.numpy(), _onehot(y, 10))
-    assert _rel(fc.weight.detach(), sk.coef_) < 1e-5
+    res = pinv_refit_dense(fc, batches(x, y, 32), model=model, ridge=0.1)
+    sk = Ridge(alpha=0.1, solver="svd").fit(feats.numpy(), onehot(y, 10))
+    assert rel(fc.weight.detach(), sk.coef_) < 1e-5
     assert res.num_samples == 90
     assert model.training  # mode restored
     assert not fc._forward_pre_hooks
@@ -237,8 +218,8 @@ def test_refit_model_path_equals_feature_path_and_removes_hook():
     before = _params(fc)
     y_bad = y.clone()
     y_bad[40] = 10
-    with pytest.raises(ValueError, match="labels must lie in"):
-        pinv_refit_dense(fc, _loader(x, y_bad, 32), model=model)
+    with pytest.raises(ValueError, match="labels of a `loader` batch must lie in"):
+        pinv_refit_dense(fc, batches(x, y_bad, 32), model=model)
     assert not fc._forward_pre_hooks
     assert _unchanged(fc, before)
     assert model.training
@@ -250,153 +231,89 @@ def test_refit_stack_of_dense_layers_matches_layerwise_references():
     y = torch.randint(0, 3, (400,), generator=g)
     stack = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     w1, b1 = stack[2].weight.detach().numpy().copy(), stack[2].bias.detach().numpy().copy()
-    res = pinv_refit_dense(stack, _loader(h, y, 64), ridge=0.5)
-    t = _onehot(y, 3)
+    res = pinv_refit_dense(stack, batches(h, y, 64), ridge=0.5)
+    t = onehot(y, 3)
     # layer 0: target pulled back through the ridge pseudo-inverse of layer 1, then atanh
     a = (t - b1) @ w1 @ np.linalg.inv(w1.T @ w1 + (0.5 + 1e-12) * np.eye(6))
     a0 = np.arctanh(np.clip(a, -1 + 1e-3, 1 - 1e-3))
     sk0 = Ridge(alpha=0.5, solver="svd").fit(h.numpy(), a0)
-    assert _rel(stack[0].weight.detach(), sk0.coef_) < 1e-5
+    assert rel(stack[0].weight.detach(), sk0.coef_) < 1e-5
     # layer 1: plain ridge on the features of the refitted layer 0
     hid = np.tanh(h.numpy() @ sk0.coef_.T + sk0.intercept_)
     sk1 = Ridge(alpha=0.5, solver="svd").fit(hid, t)
-    assert _rel(stack[2].weight.detach(), sk1.coef_) < 1e-5
+    assert rel(stack[2].weight.detach(), sk1.coef_) < 1e-5
     assert len(res.layers) == 2
     assert torch.equal(res.weight, stack[2].weight)
 
 
 # ---------------------------------------------------------------------------------------------
-# bad input
+# batches of any shape, iterables that do not repeat (bad arguments: tests/test_bad_calls.py)
 
 
-def test_refit_bad_input_raises_and_leaves_weights_untouched():
-    h, y = _data(n=64)
+def test_refit_batch_fn_on_dict_batches_equals_the_pair_loader():
+    h, y = make_data(n=200)
+    pairs = batches(h, y, 64)
+    dicts = [{"features": a, "labels": b, "index": i} for i, (a, b) in enumerate(pairs)]
+    torch.manual_seed(0)
+    fc_pairs = nn.Linear(12, 4).double()
+    fc_dicts = copy.deepcopy(fc_pairs)
+    ref = pinv_refit_dense(fc_pairs, pairs, ridge=0.1)
+    res = pinv_refit_dense(
+        fc_dicts, dicts, ridge=0.1, batch_fn=lambda b: (b["features"], b["labels"])
+    )
+    assert torch.equal(res.weight, ref.weight) and torch.equal(res.bias, ref.bias)
+    assert (res.num_samples, res.accuracy, res.mse) == (ref.num_samples, ref.accuracy, ref.mse)
+    sk = Ridge(alpha=0.1, solver="svd").fit(h.numpy(), onehot(y, 4))
+    assert rel(fc_dicts.weight.detach(), sk.coef_) < 1e-6
+
+
+class _KeywordNet(nn.Module):
+    """A model called with keyword inputs, as Hugging Face models are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.body(pixel_values)))
+
+
+def test_refit_model_with_keyword_inputs_from_batch_fn():
+    torch.manual_seed(0)
+    model = _KeywordNet().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(120, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (120,), generator=g)
+    dicts = [{"pixel_values": a, "labels": b} for a, b in batches(x, y, 50)]
+    copy_model = copy.deepcopy(model)
+    res = pinv_refit_dense(
+        model.fc, dicts, model=model, ridge=0.5,
+        batch_fn=lambda b: ({"pixel_values": b["pixel_values"]}, b["labels"]),
+    )  # fmt: skip
+    ref = pinv_refit_dense(copy_model.fc, batches(x, y, 50), model=copy_model, ridge=0.5)
+    assert torch.equal(res.weight, ref.weight) and torch.equal(res.bias, ref.bias)
+    with torch.no_grad():
+        feats = torch.tanh(copy_model.body(x)).numpy()
+    sk = Ridge(alpha=0.5, solver="svd").fit(feats, onehot(y, 3))
+    assert rel(model.fc.weight.detach(), sk.coef_) < 1e-6
+
+
+def test_refit_iterable_empty_on_its_second_pass_raises_instead_of_accuracy_zero():
+    h, y = make_data(n=100)
     fc = nn.Linear(12, 4).double()
     before = _params(fc)
-    h_nan = h.clone()
-    h_nan[40, 3] = float("nan")
-    cases = [
-        ([], {}, "no samples"),
-        (_loader(h_nan, y, 32), {}, "inf or nan"),
-        (_loader(h[:, :10], y, 32), {}, r"shape \(n, 12\)"),
-        (_loader(h, y + 4, 32), {}, "labels must lie in"),
-        (_loader(h, y, 32), {"ridge": -1.0}, "ridge"),
-        (_loader(h, y, 32), {"targets": "soft"}, "targets"),
-        (_loader(h, y, 32), {"step_size": 0.0}, "step_size"),
-        (_loader(h, y, 32), {"start": "random"}, "start"),
-        (_loader(h, y, 32), {"num_classes": 5}, "num_classes"),
-        (_loader(h, y, 32), {"inverse_activation": "softmax"}, "inverse_activation"),
-        (_loader(h, y.float(), 32), {}, "integer class indices"),
-    ]
-    for loader, kwargs, match in cases:
-        with pytest.raises(ValueError, match=match):
-            pinv_refit_dense(fc, loader, **kwargs)
-        assert _unchanged(fc, before), match
-    with pytest.raises(TypeError, match=r"nn\.Linear"):
-        pinv_refit_dense(nn.Conv2d(1, 1, 1), _loader(h, y, 32))
-    with pytest.raises(TypeError, match="pairs"):
-        pinv_refit_dense(fc, [h])
-    with pytest.raises(ValueError, match="num_features"):
-        NormalEquations(0, 3)
-
-
-# ---------------------------------------------------------------------------------------------
-# the accumulator
-
-
-def test_normal_equations_resume_merge_and_no_intercept():
-    h, y = _data(n=500, offset=50.0)
-    t = torch.from_numpy(_onehot(y, 4))
-    full = NormalEquations(12, 4)
-    full.update(h, t)
-    # half-finished accumulation, saved and resumed in a fresh object
-    first = NormalEquations(12, 4)
-    for i in range(0, 250, 50):
-        first.update(h[i : i + 50], t[i : i + 50])
-    resumed = NormalEquations(12, 4)
-    resumed.load_state_dict(first.state_dict())
-    for i in range(250, 500, 50):
-        resumed.update(h[i : i + 50], t[i : i + 50])
-    second = NormalEquations(12, 4)
-    second.update(h[250:], t[250:])
-    merged = NormalEquations(12, 4)
-    merged.load_state_dict(first.state_dict())
-    merged.merge(second)
-    sk = Ridge(alpha=3.0, solver="svd").fit(h.numpy(), t.numpy())
-    for acc in (full, resumed, merged):
-        sol = acc.solve(3.0)
-        assert acc.count == 500
-        assert _rel(sol.weight, sk.coef_) < 1e-6
-        assert _rel(sol.bias, sk.intercept_) < 1e-6
-        # residual sum of squares from the statistics equals the explicit one
-        pred = h.numpy() @ sk.coef_.T + sk.intercept_
-        rss = ((pred - t.numpy()) ** 2).sum()
-        assert acc.residual_sum_of_squares(sol.weight, sol.bias) == pytest.approx(rss, rel=1e-6)
-    acc = NormalEquations(12, 4, fit_intercept=False)
-    acc.update(h, t)
-    sk = Ridge(alpha=3.0, fit_intercept=False, solver="svd").fit(h.numpy(), t.numpy())
-    sol = acc.solve(3.0)
-    assert sol.bias is None
-    assert _rel(sol.weight, sk.coef_) < 1e-6
-    bad = h[:10].clone()
-    bad[3, 2] = float("inf")
-    with pytest.raises(ValueError, match="inf or nan"):
-        acc.update(bad, t[:10])
-    bad_t = t[:10].clone()
-    bad_t[2, 1] = float("nan")  # without intercept there is no target mean to catch it
-    with pytest.raises(ValueError, match="inf or nan"):
-        acc.update(h[:10], bad_t)
-    assert acc.count == 500  # neither bad batch was accumulated
-    assert _rel(acc.solve(3.0).weight, sk.coef_) < 1e-6
-    acc.reset()
-    assert acc.count == 0
-    with pytest.raises(ValueError, match="no samples"):
-        acc.solve(1.0)
-    with pytest.raises(ValueError, match="state is for"):
-        NormalEquations(3, 4).load_state_dict(first.state_dict())
-
-
-@pytest.mark.parametrize("fit_intercept", [True, False])
-def test_normal_equations_wide_features_use_the_symmetric_blocks_exactly(fit_intercept):
-    # d = 150 spans three block rows of the lower-triangle Gram (64, 64 and a partial 22);
-    # the statistics are read half-way (mirroring the upper triangle) and accumulation goes on
-    g = torch.Generator().manual_seed(3)
-    h64 = torch.randn(700, 150, generator=g, dtype=torch.float64) * 2.0 + 5.0
-    t64 = torch.randn(700, 3, generator=g, dtype=torch.float64)
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
-        h, t = h64.to(dtype), t64.to(dtype)
-        ref_h, ref_t = h.double().numpy(), t.double().numpy()
-        acc = NormalEquations(150, 3, fit_intercept=fit_intercept)
-        for i in range(0, 700, 128):
-            acc.update(h[i : i + 128], t[i : i + 128])
-            if i == 256:
-                seen = ref_h[: i + 128] - (ref_h[: i + 128].mean(0) if fit_intercept else 0)
-                assert _rel(acc.s_hh, seen.T @ seen) < tol
-        c_h = ref_h - ref_h.mean(0) if fit_intercept else ref_h
-        c_t = ref_t - ref_t.mean(0) if fit_intercept else ref_t
-        assert torch.equal(acc.s_hh, acc.s_hh.T)
-        assert _rel(acc.s_hh, c_h.T @ c_h) < tol
-        assert _rel(acc.s_ht, c_h.T @ c_t) < tol
-        sk = Ridge(alpha=0.5, fit_intercept=fit_intercept, solver="svd").fit(ref_h, ref_t)
-        assert _rel(acc.solve(0.5).weight, sk.coef_) < 50 * tol
-
-
-def test_normal_equations_multithreaded_block_rule_matches_numpy() -> None:
-    # with 2 threads, d = 300 uses 128-row blocks (128, 128 and a partial 44)
-    g = torch.Generator().manual_seed(4)
-    h = torch.randn(500, 300, generator=g, dtype=torch.float64) + 3.0
-    t = torch.randn(500, 2, generator=g, dtype=torch.float64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert _gram_block(300) == 128
-        acc = NormalEquations(300, 2)
-        for i in range(0, 500, 200):
-            acc.update(h[i : i + 200], t[i : i + 200])
-    finally:
-        torch.set_num_threads(threads)
-    c = h.numpy() - h.numpy().mean(0)
-    assert _rel(acc.s_hh, c.T @ c) < 1e-12
+    with pytest.raises(ValueError, match="second pass"):
+        pinv_refit_dense(fc, OnePass(batches(h, y, 32)))
+    assert _unchanged(fc, before)
+    stack = nn.Sequential(nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 4)).double()
+    before = _params(stack)
+    with pytest.raises(ValueError, match="pass 2"):
+        pinv_refit_dense(stack, OnePass(batches(h, y, 32)), evaluate=False)
+    assert _unchanged(stack, before)
+    res = pinv_refit_dense(fc, OnePass(batches(h, y, 32)), evaluate=False)
+    sk = Ridge(alpha=1e-3, solver="svd").fit(h.numpy(), onehot(y, 4))
+    assert res.accuracy is None and rel(fc.weight.detach(), sk.coef_) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,14 +349,14 @@ def _dist_worker(rank, world_size, h, y):
 
 @pytest.mark.distributed
 def test_refit_distributed_equals_single_process_on_the_union():
-    h, y = _data(n=300, offset=10.0)
+    h, y = make_data(n=300, offset=10.0)
     out = run_distributed(_dist_worker, h, y)
-    sk = Ridge(alpha=1e-2, solver="svd").fit(h.numpy(), _onehot(y, 4))
+    sk = Ridge(alpha=1e-2, solver="svd").fit(h.numpy(), onehot(y, 4))
     for r in out:
         assert r["n"] == 300
         assert r["acc_count"] == 300
-        assert _rel(r["weight"], sk.coef_) < 1e-8
-        assert _rel(r["bias"], sk.intercept_) < 1e-8
+        assert rel(r["weight"], sk.coef_) < 1e-8
+        assert rel(r["bias"], sk.intercept_) < 1e-8
     assert torch.equal(out[0]["weight"], out[1]["weight"])
     assert out[0]["acc"] == out[1]["acc"]
     assert out[0]["seed"] == out[1]["seed"]
@@ -479,55 +396,16 @@ def _fsdp_refit_worker(rank, world_size, x, y):
 @pytest.mark.distributed
 @needs_fsdp2
 def test_refit_under_fsdp2_writes_the_shards_and_equals_the_union():
-    h, y = _data(n=230, d=6)
+    h, y = make_data(n=230, d=6)
     out = run_distributed(_fsdp_refit_worker, h, y)
     feats = out[0]["features"].numpy()
-    sk = Ridge(alpha=1e-2, solver="svd").fit(feats, _onehot(y, 4))
+    sk = Ridge(alpha=1e-2, solver="svd").fit(feats, onehot(y, 4))
     for r in out:
         assert r["is_dtensor"] and r["n"] == 230
-        assert _rel(r["weight"], sk.coef_) < 1e-8  # the shards hold the refit, not stale values
-        assert _rel(r["bias"], sk.intercept_) < 1e-8
-        assert _rel(r["result_weight"], sk.coef_) < 1e-8
-        assert _rel(r["logits"], feats @ sk.coef_.T + sk.intercept_) < 1e-8  # and it is used
-
-
-def _fsdp_random_layers_worker(rank, world_size):
-    from torch.distributed.fsdp import fully_shard
-
-    from torch_recal import RandomLayerTraining
-
-    torch.manual_seed(0)
-    layers = [nn.Linear(8, 8) for _ in range(4)]
-    model = nn.Sequential(*[m for lin in layers for m in (lin, nn.ReLU())], nn.Linear(8, 3))
-    for lin in layers:
-        fully_shard(lin)
-    fully_shard(model)
-    rlt = RandomLayerTraining(layers, seed=None)  # the choice is broadcast from rank 0
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(rank))
-    out = []
-    for _ in range(4):
-        rlt.step()
-        before = [lin.weight.detach().full_tensor().clone() for lin in layers]
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        opt.step()
-        moved = [
-            not torch.equal(lin.weight.detach().full_tensor(), b)
-            for lin, b in zip(layers, before, strict=True)
-        ]
-        out.append((list(rlt.trainable), moved))
-    return out
-
-
-@pytest.mark.distributed
-@needs_fsdp2
-def test_random_layer_training_under_fsdp2_freezes_exactly_the_chosen_layers():
-    r0, r1 = run_distributed(_fsdp_random_layers_worker)
-    assert r0 == r1  # the same choice on every rank
-    for trainable, moved in r0:
-        assert moved == trainable  # frozen shards stay, trainable ones take the step
-    assert len({tuple(t) for t, _ in r0}) > 1  # the choice changes between epochs
+        assert rel(r["weight"], sk.coef_) < 1e-8  # the shards hold the refit, not stale values
+        assert rel(r["bias"], sk.intercept_) < 1e-8
+        assert rel(r["result_weight"], sk.coef_) < 1e-8
+        assert rel(r["logits"], feats @ sk.coef_.T + sk.intercept_) < 1e-8  # and it is used
 
 
 def _dist_failure_worker(rank, world_size, h, y):
@@ -554,7 +432,7 @@ def _dist_failure_worker(rank, world_size, h, y):
 
 @pytest.mark.distributed
 def test_refit_distributed_error_on_one_rank_stops_every_rank():
-    h, y = _data(n=300)
+    h, y = make_data(n=300)
     out = run_distributed(_dist_failure_worker, h, y, timeout_s=30.0)
     assert out[1]["raised"][0] == "ValueError" and "inf or nan" in out[1]["raised"][1]
     assert out[0]["raised"][0] == "RuntimeError"
@@ -562,64 +440,6 @@ def test_refit_distributed_error_on_one_rank_stops_every_rank():
     assert "rank 1: ValueError" in out[0]["raised"][1] and "inf or nan" in out[0]["raised"][1]
     assert all(r["untouched"] for r in out)
     assert all(r["seconds"] < 25.0 for r in out)  # nobody waited for the collective timeout
-
-
-# ---------------------------------------------------------------------------------------------
-# RandomLayerTraining
-
-
-def test_random_layer_training_trains_a_suffix_and_stops_backward_early():
-    torch.manual_seed(0)
-    net = nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)])
-    rlt = RandomLayerTraining(list(net), min_trainable=2, seed=7)
-    counts = set()
-    for _ in range(30):
-        m = sum(rlt.trainable)
-        counts.add(m)
-        assert 2 <= m <= 5
-        assert rlt.trainable == [i >= 5 - m for i in range(5)]  # the last m layers
-        net.zero_grad(set_to_none=True)
-        net(torch.randn(3, 4)).sum().backward()
-        for layer, on in zip(net, rlt.trainable, strict=True):
-            assert (layer.weight.grad is not None) == on
-        rlt.step()
-    assert counts == {2, 3, 4, 5}  # every allowed count occurs
-
-
-def test_random_layer_training_paper_schedule_resume_and_restore():
-    layers = [nn.Linear(2, 2) for _ in range(8)]
-    layers[0].bias.requires_grad_(False)  # frozen by the user: stays frozen
-    rlt = RandomLayerTraining(layers, seed=3, schedule=RandomLayerTraining.PAPER_SCHEDULE)
-    frozen_counts, history = [], []
-    for _ in range(10):
-        frozen_counts.append(8 - sum(rlt.trainable))
-        history.append(rlt.trainable)
-        for layer, on in zip(layers, rlt.trainable, strict=True):
-            assert layer.weight.requires_grad == on
-        assert not layers[0].bias.requires_grad
-        rlt.step()
-    # round((1 - r_a) * 8) frozen, r_a = [1, 1, .75, .75, .5, .5, .25, .25], then kept
-    assert frozen_counts == [0, 0, 2, 2, 4, 4, 6, 6, 6, 6]
-    assert len({tuple(t) for t in history[6:]}) > 1  # re-drawn every epoch
-    # resume from epoch 4 repeats the uninterrupted run
-    other = RandomLayerTraining([nn.Linear(2, 2) for _ in range(8)], seed=99)
-    state = rlt.state_dict()
-    state["epoch"] = 4
-    other.load_state_dict(state)
-    replay = []
-    for _ in range(6):
-        replay.append(other.trainable)
-        other.step()
-    assert replay == history[4:]
-    rlt.restore()
-    assert all(p.requires_grad for m in layers[1:] for p in m.parameters())
-    assert not layers[0].bias.requires_grad
-    with pytest.raises(ValueError, match="min_trainable"):
-        RandomLayerTraining(layers, min_trainable=9)
-    with pytest.raises(ValueError, match="schedule"):
-        RandomLayerTraining(layers, schedule=[1.5])
-    with pytest.raises(TypeError, match="sequence of modules"):
-        RandomLayerTraining(nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------------------------------------

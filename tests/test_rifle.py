@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -86,9 +88,14 @@ def test_head_changes_exactly_at_the_schedule_and_backbone_never(total, resets):
     rifle = RifleScheduler(model, total_epochs=total, num_resets=resets)
     expected = expected_epochs(total, resets)
     fired_at = []
-    for epoch in range(total + 3):  # extra calls past the end never fire
+    for epoch in range(total + 3):  # extra calls past the end warn once and never fire
         head_before, body_before = snapshot(model.fc), snapshot(model.body)
-        fired = rifle.step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fired = rifle.step()
+        assert len(caught) == (1 if epoch == total else 0)
+        if caught:
+            assert caught[0].category is UserWarning and "total_epochs" in str(caught[0].message)
         assert same(snapshot(model.body), body_before)
         if epoch in expected:
             assert fired
@@ -97,7 +104,8 @@ def test_head_changes_exactly_at_the_schedule_and_backbone_never(total, resets):
         else:
             assert not fired
             assert same(snapshot(model.fc), head_before)
-        assert rifle.last_epoch == epoch
+        assert rifle.num_steps == min(epoch + 1, total)
+        assert rifle.last_epoch == rifle.num_steps - 1
         assert rifle.last_reset == (max(fired_at) if fired_at else None)
     assert fired_at == expected
 
@@ -359,7 +367,7 @@ def _run(total: int, stop: int | None, ckpt: dict | None) -> tuple[dict, list[in
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         rifle.load_state_dict(ckpt["rifle"])
-        start = rifle.last_epoch + 1
+        start = rifle.num_steps
     fired = []
     for epoch in range(start, total if stop is None else stop):
         _train_steps(model, opt, 2, seed=epoch)
@@ -388,18 +396,45 @@ def test_state_dict_is_plain_data_and_checked_on_load():
         rifle.step()
     state = rifle.state_dict()
     assert json.loads(json.dumps(state)) == state
-    assert (state["last_epoch"], state["last_reset"]) == (3, 2)
+    assert (state["num_steps"], state["last_reset"]) == (4, 2)
     other = RifleScheduler(nn.Linear(3, 2), total_epochs=10, num_resets=2, seed=3)
     other.load_state_dict(state)
-    assert (other.last_epoch, other.last_reset) == (3, 2)
+    assert (other.num_steps, other.last_epoch, other.last_reset) == (4, 3, 2)
     wrong = RifleScheduler(nn.Linear(3, 2), total_epochs=10, num_resets=3, seed=3)
-    with pytest.raises(ValueError, match="schedule"):
-        wrong.load_state_dict(state)
+    for bad, names in (
+        (state, "`schedule`"),
+        ({**state, "schedule": [1, 3, 5], "total_epochs": 12}, "`total_epochs`"),
+        ({"num_steps": 0}, "missing"),
+    ):
+        with pytest.raises(ValueError, match=names):
+            wrong.load_state_dict(bad)
     with pytest.raises(ValueError, match="seed"):
         RifleScheduler(nn.Linear(3, 2), total_epochs=10, num_resets=2).load_state_dict(state)
-    with pytest.raises(ValueError, match="missing"):
-        wrong.load_state_dict({"last_epoch": 0})
-    assert (wrong.last_epoch, wrong.last_reset) == (-1, None)
+    assert (wrong.num_steps, wrong.last_reset) == (0, None)
+    with pytest.raises(AttributeError):
+        other.last_epoch = 5  # a read-only alias
+
+
+def test_load_state_dict_rejects_a_position_the_schedule_cannot_reach():
+    rifle = RifleScheduler(nn.Linear(3, 2), total_epochs=10, num_resets=2, seed=3)  # [2, 5]
+    good = {"num_steps": 4, "last_reset": 2, "schedule": [2, 5], "total_epochs": 10,
+            "unit": "epoch", "seed": 3}  # fmt: skip
+    for bad, error in (
+        ({**good, "num_steps": 10**9}, ValueError),  # far past total_epochs
+        ({**good, "num_steps": 11}, ValueError),
+        ({**good, "num_steps": 0, "last_reset": 3}, ValueError),  # 3 is not scheduled
+        ({**good, "num_steps": 0, "last_reset": 2}, ValueError),  # not fired yet
+        ({**good, "last_reset": None}, ValueError),  # epoch 2 has fired
+        ({**good, "num_steps": 7}, ValueError),  # epoch 5 has fired too
+        ({**good, "num_steps": True}, TypeError),
+        ({**good, "last_reset": 2.0}, TypeError),
+    ):
+        with pytest.raises(error):
+            rifle.load_state_dict(bad)
+        assert (rifle.num_steps, rifle.last_reset) == (0, None)
+    rifle.load_state_dict({**good, "num_steps": 10, "last_reset": 5})  # the end is reachable
+    with pytest.warns(UserWarning, match="total_epochs"):
+        assert not rifle.step()
 
 
 # ------------------------------------------------------------------ find_classifier
@@ -466,49 +501,49 @@ def test_find_classifier_errors_say_how_to_pass_the_head():
         find_classifier("resnet")
 
 
-# ----------------------------------------------------------------------- bad input
-def _err(exc, match, **kwargs):
-    target = kwargs.pop("target", None) or nn.Linear(3, 2)
-    base = {"total_epochs": 10, "num_resets": 1}
-    base.update(kwargs)
-    before = snapshot(target) if isinstance(target, nn.Module) else None
-    with pytest.raises(exc, match=match):
-        RifleScheduler(target, **{k: v for k, v in base.items() if v is not Ellipsis})
-    if before is not None:
-        assert same(snapshot(target), before)
+# ------------------------------------------ tied weights, logging (bad arguments: test_bad_calls)
+class TiedLM(nn.Module):
+    """A language-model layout: the output layer shares the embedding's weight."""
+
+    def __init__(self, tie: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(self.embed(tokens))))
 
 
-def test_bad_arguments_raise_clear_errors():
-    _err(ValueError, "total_epochs", total_epochs=0)
-    _err(ValueError, "total_epochs", total_epochs=-3)
-    _err(TypeError, "total_epochs", total_epochs=10.0)
-    _err(TypeError, "total_epochs", total_epochs=True)
-    _err(ValueError, "too short for num_resets=3", total_epochs=3, num_resets=3)
-    _err(ValueError, "min_epochs_after_last", total_epochs=10, num_resets=1,
-         min_epochs_after_last=6)  # fmt: skip
-    _err(ValueError, "exactly one of `num_resets`", period=3)
-    _err(ValueError, "exactly one of `num_resets`", num_resets=None)
-    _err(ValueError, "num_resets", num_resets=-1)
-    _err(ValueError, "period", num_resets=Ellipsis, period=0)
-    _err(ValueError, "leaves no room", num_resets=Ellipsis, period=6)
-    _err(ValueError, "min_epochs_after_last", min_epochs_after_last=0)
-    _err(ValueError, "unit", unit="epochs")
-    _err(ValueError, "seed", seed=-1)
-    _err(TypeError, "init", init="kaiming")
-    _err(ValueError, "no parameters", target=nn.ReLU())
-    _err(TypeError, "target", target=[nn.Linear(2, 2), "fc"])
-    _err(TypeError, "target", target="fc")
-    _err(ValueError, "needs `optimizer=`", reset_optimizer_state=True)
-    _err(TypeError, "optimizer", optimizer=object())
-    other = nn.Linear(2, 2)
-    _err(ValueError, "holds none of the head", optimizer=torch.optim.SGD(other.parameters(), 0.1))
+def test_tied_head_is_refused_at_construction_and_nothing_changes():
+    model = TiedLM()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"`weight` is also `embed\.weight`.*tied"):
+        RifleScheduler(model, total_epochs=4, num_resets=1)
+    assert same(snapshot(model), before)
+    assert model.head.weight is model.embed.weight
+    untied = TiedLM(tie=False)
+    embed = snapshot(untied.embed)
+    rifle = RifleScheduler(untied, total_epochs=2, num_resets=1, seed=0)
+    assert rifle.head is untied.head and rifle.step()
+    assert same(snapshot(untied.embed), embed)
+    alias = TiedLM(tie=False)
+    alias.classifier_alias = alias.head  # the head registered twice is not a tie
+    alias.get_classifier = lambda: alias.head
+    RifleScheduler(alias, total_epochs=2, num_resets=1)
 
-    class Bare(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(2, 2))
 
-    _err(ValueError, r"\['weight'\].*init=", target=Bare())
+def test_each_reset_is_logged_at_info(caplog):
+    rifle = RifleScheduler(nn.Linear(3, 2), total_epochs=6, num_resets=2)
+    with caplog.at_level(logging.INFO, logger="torch_recal"):
+        fired = [rifle.step() for _ in range(6)]
+    assert fired == [False, True, False, True, False, False]
+    assert [r.levelno for r in caplog.records] == [logging.INFO, logging.INFO]
+    assert all(r.name == "torch_recal" for r in caplog.records)
+    assert "after epoch 1 (reset 1 of 2)" in caplog.records[0].getMessage()
+    assert "after epoch 3 (reset 2 of 2)" in caplog.records[1].getMessage()
 
 
 # ---------------------------------------------------------------------- distributed

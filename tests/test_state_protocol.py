@@ -15,7 +15,9 @@ exactly as it was.
 A world is a class with ``build(seed)`` (classmethod), ``piece`` (the stateful object),
 ``advance(i)`` (one step of the loop, which advances the piece), ``save()`` / ``load(blob)``
 (everything a checkpoint holds) and ``observe()`` (what must match after resuming). Add a
-world for each new stateful piece to ``WORLDS``.
+world for each new stateful piece to ``WORLDS``. A piece whose counter is not ``num_steps``
+(``NormalEquations.count`` counts samples) sets ``counter`` and ``counter_per_step``; a
+world may drop a generated bad value that is valid for its piece (``bad_values``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from torch import nn
 
 from tests.badcalls import assert_same, snapshot
+from torch_recal import NormalEquations, RandomLayerTraining, RifleScheduler
 
 WORLDS: list[Any] = []  # one section per piece below; the generic tests are at the end
 
@@ -42,6 +46,8 @@ class World:
     """Shared plumbing: subclasses set ``piece`` and implement ``build`` and ``advance``."""
 
     steps: ClassVar[int] = 3  # k
+    counter: ClassVar[str] = "num_steps"  # the piece's counter (attribute and state key)
+    counter_per_step: ClassVar[int] = 1  # how much one advance() adds to it
     piece: Any
     model: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
@@ -63,6 +69,11 @@ class World:
 
     def observe(self) -> Any:
         return snapshot([self.model, self.piece] if self.model is not None else self.piece)
+
+    @classmethod
+    def bad_values(cls, key: str, value: Any) -> list[Any]:
+        """Values of the wrong type or out of range for the state entry ``key``."""
+        return _bad_values(value)
 
 
 def _bad_values(value: Any) -> list[Any]:
@@ -92,14 +103,94 @@ def _bad_values(value: Any) -> list[Any]:
 # --------------------------------------------------------------------------- CoherentStrongReg
 # (lead) world added with the coherent gate rework
 
+
 # --------------------------------------------------------------------------- RifleScheduler
 # (S1)
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, i: int) -> None:
+    g = torch.Generator().manual_seed(100 + i)
+    x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+class RifleWorld(World):
+    """Six epochs, resets after epochs 1 and 3 (seeded values); the head's momentum is kept."""
+
+    @classmethod
+    def build(cls, seed: int) -> RifleWorld:
+        torch.manual_seed(seed)
+        world = cls()
+        world.model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        world.optimizer = torch.optim.SGD(world.model.parameters(), lr=0.1, momentum=0.9)
+        world.piece = RifleScheduler(world.model[2], total_epochs=6, num_resets=2, seed=7)
+        return world
+
+    def advance(self, i: int) -> None:
+        assert self.model is not None and self.optimizer is not None
+        _train_step(self.model, self.optimizer, i)
+        self.piece.step()
+
+
+WORLDS.append(RifleWorld)
+
 
 # --------------------------------------------------------------------------- RandomLayerTraining
 # (S1)
+class RandomLayerTrainingWorld(World):
+    """Four hidden layers, a fraction schedule longer than the run; SGD with momentum."""
+
+    @classmethod
+    def build(cls, seed: int) -> RandomLayerTrainingWorld:
+        torch.manual_seed(seed)
+        world = cls()
+        layers = [nn.Linear(4, 4) for _ in range(4)]
+        world.model = nn.Sequential(*layers, nn.Linear(4, 3))
+        world.optimizer = torch.optim.SGD(world.model.parameters(), lr=0.1, momentum=0.9)
+        schedule = [1.0, 0.75, 0.5, 0.5, 0.25, 0.25, 0.25]
+        world.piece = RandomLayerTraining(layers, seed=5, schedule=schedule)
+        return world
+
+    def advance(self, i: int) -> None:
+        assert self.model is not None and self.optimizer is not None
+        _train_step(self.model, self.optimizer, i)
+        self.piece.step()
+
+    @classmethod
+    def bad_values(cls, key: str, value: Any) -> list[Any]:
+        # the epoch counter has no upper bound (training may go on past the schedule)
+        return [v for v in super().bad_values(key, value) if key != "num_steps" or v != 10**12]
+
+
+WORLDS.append(RandomLayerTrainingWorld)
+
 
 # --------------------------------------------------------------------------- NormalEquations
 # (S1)
+class NormalEquationsWorld(World):
+    """Batches of 5 samples (features with a large mean) into a (4 -> 2) accumulator."""
+
+    counter = "count"
+    counter_per_step = 5
+
+    @classmethod
+    def build(cls, seed: int) -> NormalEquationsWorld:
+        world = cls()
+        world.piece = NormalEquations(4, 2)
+        return world
+
+    def advance(self, i: int) -> None:
+        g = torch.Generator().manual_seed(200 + i)
+        h = torch.randn(5, 4, generator=g, dtype=torch.float64) + 10.0
+        self.piece.update(h, torch.randn(5, 2, generator=g, dtype=torch.float64))
+
+    @classmethod
+    def bad_values(cls, key: str, value: Any) -> list[Any]:
+        # any number of samples is a valid count
+        return [v for v in super().bad_values(key, value) if key != "count" or v != 10**12]
+
+
+WORLDS.append(NormalEquationsWorld)
 
 
 # --------------------------------------------------------------------------- GenerativeGradientLoss
@@ -167,11 +258,12 @@ def test_resume_equals_uninterrupted_run(world_cls: Any) -> None:
 
 def test_counter_is_num_steps(world_cls: Any) -> None:
     world = world_cls.build(seed=0)
-    assert world.piece.num_steps == 0
+    name, expected = world_cls.counter, world_cls.steps * world_cls.counter_per_step
+    assert getattr(world.piece, name) == 0
     for i in range(world_cls.steps):
         world.advance(i)
-    assert world.piece.num_steps == world_cls.steps
-    assert world.piece.state_dict()["num_steps"] == world_cls.steps
+    assert getattr(world.piece, name) == expected
+    assert world.piece.state_dict()[name] == expected
 
 
 def test_load_state_dict_rejects_bad_state_and_changes_nothing(world_cls: Any) -> None:
@@ -182,7 +274,9 @@ def test_load_state_dict_rejects_bad_state_and_changes_nothing(world_cls: Any) -
     before = snapshot(world.piece)
     bad_states: list[Any] = [None, 5, [], {**good, "unexpected": 1}]
     bad_states += [{k: v for k, v in good.items() if k != key} for key in good]
-    bad_states += [{**good, key: bad} for key in good for bad in _bad_values(good[key])]
+    bad_states += [
+        {**good, key: bad} for key in good for bad in world_cls.bad_values(key, good[key])
+    ]
     for bad in bad_states:
         with pytest.raises((TypeError, ValueError)):
             world.piece.load_state_dict(bad)

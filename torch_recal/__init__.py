@@ -20,7 +20,9 @@ from torch_recal.generative import (
     ReferenceDecoder,
     first_layer_filter_stats,
 )
-from torch_recal.refit import NormalEquations, RandomLayerTraining, RefitResult, pinv_refit_dense
+from torch_recal.layer_sampling import RandomLayerTraining
+from torch_recal.refit import RefitResult, pinv_refit_dense
+from torch_recal.ridge import NormalEquations
 from torch_recal.rifle import RifleScheduler, find_classifier
 from torch_recal.surgery import calibrate, is_calibrated, register_block, uncalibrate
 

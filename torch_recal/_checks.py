@@ -25,6 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "check_choice",
+    "check_device",
     "check_finite_tensor",
     "check_flag",
     "check_instance",
@@ -229,3 +230,18 @@ def check_state_keys(
             + (f"; unexpected {unknown}" if unknown else "")
         )
     return state
+
+
+def check_device(value: Any, name: str, *, who: str) -> torch.device | None:
+    """``None``, a :class:`torch.device` or a device string (``"cpu"``, ``"cuda:0"``)."""
+    if value is None or isinstance(value, torch.device):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{who}: `{name}` must be a torch.device, a device string or None, "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    try:
+        return torch.device(value)
+    except RuntimeError as err:
+        raise ValueError(f"{who}: `{name}` must name a device, got {value!r} ({err})") from None

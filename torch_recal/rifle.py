@@ -7,118 +7,40 @@ Re-Initializing the Fully-connected LayEr", ICML 2020, https://arxiv.org/abs/200
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from torch_recal import _dist
+from torch_recal._checks import (
+    check_choice,
+    check_flag,
+    check_instance,
+    check_int,
+    check_optional_int,
+    check_state_keys,
+)
+from torch_recal.heads import (
+    _HEAD_NAMES,
+    _has_own_parameters,
+    _tied_elsewhere,
+    _unwrap,
+    find_classifier,
+)
 
 __all__ = ["RifleScheduler", "find_classifier"]
 
+_log = logging.getLogger("torch_recal")
+_WHO = "RifleScheduler"
 _UNITS = ("epoch", "step")
-_HEAD_NAMES = ("fc", "classifier", "head", "heads")  # heads: torchvision ViT
+_STATE_KEYS = ("num_steps", "last_reset", "schedule", "total_epochs", "unit", "seed")
 _MASK64 = (1 << 64) - 1
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
-            model = inner
-        else:
-            return model
-
-
-def _has_own_parameters(module: nn.Module) -> bool:
-    return next(module.parameters(recurse=False), None) is not None
-
-
-def _final_layer(module: nn.Module, where: str) -> nn.Module:
-    """``module`` itself if it holds parameters, else the last ``nn.Linear`` inside it."""
-    if _has_own_parameters(module):
-        return module
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    if linears:
-        return linears[-1]
-    layers = [m for m in module.modules() if _has_own_parameters(m)]
-    if layers:  # e.g. a 1x1-conv classifier
-        return layers[-1]
-    raise ValueError(
-        f"find_classifier: {where} ({type(module).__name__}) has no parameters (a model built "
-        f"with num_classes=0?); pass the head module itself, e.g. "
-        f"RifleScheduler(model.my_head, ...)"
-    )
-
-
-def find_classifier(model: nn.Module) -> nn.Module:
-    """Find the final classifier layer of a model, the layer RIFLE re-initialises.
-
-    Looked up in this order: timm's ``model.get_classifier()``; otherwise the one attribute
-    among ``fc``, ``classifier``, ``head`` and ``heads`` (torchvision's ViT) that holds a
-    module. A head that is a container (``nn.Sequential``, timm's ``ClassifierHead``) gives
-    its last ``nn.Linear`` (or, with no Linear inside, its last layer with parameters, e.g. a
-    1x1 conv). DDP / DataParallel and ``torch.compile`` wrappers are looked through.
-
-    Paper: Li et al., https://arxiv.org/abs/2007.03349
-
-    Args:
-        model: the network.
-
-    Returns:
-        The classifier layer (a module of ``model``, not a copy).
-
-    Raises:
-        ValueError: no head found, more than one candidate attribute, or a head without
-            parameters. The message says how to pass the head explicitly.
-
-    Example:
-        >>> from torch import nn
-        >>> from torch_recal import find_classifier
-        >>> from torch_recal.models import resnet20
-        >>> model = resnet20(num_classes=5)
-        >>> find_classifier(model) is model.fc
-        True
-        >>> net = nn.Module()
-        >>> net.body = nn.Linear(8, 8)
-        >>> net.classifier = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
-        >>> find_classifier(net) is net.classifier[2]
-        True
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"find_classifier: `model` must be an nn.Module, got {type(model).__name__}"
-        )
-    model = _unwrap(model)
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        head = get_classifier()
-        if isinstance(head, nn.Module):
-            return _final_layer(head, "model.get_classifier()")
-        raise ValueError(
-            f"find_classifier: {type(model).__name__}.get_classifier() returned "
-            f"{type(head).__name__}, not one module (e.g. a distilled model with two heads); "
-            f"pass the head(s) explicitly: RifleScheduler(list_of_head_modules, ...)"
-        )
-    found = [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
-    if len(found) > 1:
-        raise ValueError(
-            f"find_classifier: {type(model).__name__} has several candidate heads "
-            f"{found} (ambiguous); pass the head module itself, e.g. "
-            f"RifleScheduler(model.{found[-1]}, ...)"
-        )
-    if not found:
-        raise ValueError(
-            f"find_classifier: {type(model).__name__} has no get_classifier(), `fc`, "
-            f"`classifier`, `head` or `heads`; pass the head module itself, e.g. "
-            f"RifleScheduler(model.my_head, ...), or a list of modules for a multi-layer head"
-        )
-    return _final_layer(getattr(model, found[0]), f"model.{found[0]}")
 
 
 def _reset_roots(module: nn.Module) -> list[nn.Module]:
@@ -155,14 +77,6 @@ def _seeded_rng(seed: int, devices: set[torch.device]) -> Iterator[None]:
         yield
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"RifleScheduler: `{name}` must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"RifleScheduler: `{name}` must be >= {minimum}, got {value}")
-    return value
-
-
 class RifleScheduler:
     """Re-initialise the classifier head a few times during fine-tuning (RIFLE).
 
@@ -179,7 +93,19 @@ class RifleScheduler:
     ``P - 1, 2P - 1, ..., nP - 1`` (0-based), as in the official code, which also fires after
     the very last epoch: this class never does. With ``period=P`` it fires after every ``P``
     epochs as long as at least ``min_epochs_after_last`` epochs remain. :meth:`schedule`
-    lists the epochs.
+    lists the epochs. :meth:`step` called more than ``total_epochs`` times warns once
+    (``UserWarning``) and does nothing more. Each reset is logged at ``INFO`` on
+    ``logging.getLogger("torch_recal")``.
+
+    A head whose parameters are tied to another module (e.g. an output layer sharing the
+    embedding's weight) cannot be re-initialised alone: given the model, the constructor
+    raises a ``ValueError`` naming both parameters. Given only the head (or a list), the
+    scheduler cannot see the other modules, so pass the model when weights may be tied.
+
+    State (docs/conventions.md, rule 2): :meth:`step` advances; the counter is
+    :attr:`num_steps`, the number of completed :meth:`step` calls (at most ``total_epochs``);
+    :attr:`last_epoch` is the read-only alias ``num_steps - 1`` of ``torch.optim``'s
+    schedulers.
 
     Paper: Li et al., https://arxiv.org/abs/2007.03349
 
@@ -214,7 +140,7 @@ class RifleScheduler:
 
     Attributes:
         head: the module that is re-initialised (an ``nn.ModuleList`` for a list target).
-        last_epoch: index of the last epoch passed to :meth:`step` (``-1`` before the first).
+        num_steps: completed :meth:`step` calls (epochs, or steps with ``unit="step"``).
         last_reset: epoch after which the head was last re-initialised, or ``None``.
 
     Distributed: the reset is deterministic in the epoch, so every rank fires at the same
@@ -247,7 +173,7 @@ class RifleScheduler:
         total_epochs: int,
         num_resets: int | None = None,
         period: int | None = None,
-        unit: str = "epoch",
+        unit: Literal["epoch", "step"] = "epoch",
         init: Callable[[nn.Module], Any] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         reset_optimizer_state: bool = False,
@@ -255,53 +181,55 @@ class RifleScheduler:
         min_epochs_after_last: int | None = None,
     ) -> None:
         head = self._resolve_head(target)
-        _check_int("total_epochs", total_epochs, 1)
+        total_epochs = check_int(total_epochs, "total_epochs", who=_WHO, minimum=1)
         if (num_resets is None) == (period is None):
             raise ValueError(
-                "RifleScheduler: give exactly one of `num_resets` (how many re-initialisations) "
+                f"{_WHO}: give exactly one of `num_resets` (how many re-initialisations) "
                 f"or `period` (epochs between them), got num_resets={num_resets!r}, "
                 f"period={period!r}"
             )
-        if unit not in _UNITS:
-            raise ValueError(f"RifleScheduler: `unit` must be one of {_UNITS}, got {unit!r}")
-        if min_epochs_after_last is not None:
-            _check_int("min_epochs_after_last", min_epochs_after_last, 1)
-        if seed is not None:
-            _check_int("seed", seed, 0)
+        unit = check_choice(unit, "unit", _UNITS, who=_WHO)  # type: ignore[assignment]
+        min_epochs_after_last = check_optional_int(
+            min_epochs_after_last, "min_epochs_after_last", who=_WHO, minimum=1
+        )
+        seed = check_optional_int(seed, "seed", who=_WHO, minimum=0)
         if init is not None and not callable(init):
-            raise TypeError(f"RifleScheduler: `init` must be callable, got {type(init).__name__}")
-        if not isinstance(reset_optimizer_state, bool):
-            raise TypeError("RifleScheduler: `reset_optimizer_state` must be a bool")
+            raise TypeError(f"{_WHO}: `init` must be callable or None, got {type(init).__name__}")
+        reset_optimizer_state = check_flag(reset_optimizer_state, "reset_optimizer_state", who=_WHO)
         params = list(head.parameters())
         if not params:
             raise ValueError(
-                f"RifleScheduler: the head ({type(head).__name__}) has no parameters; pass the "
-                f"classifier layer, e.g. RifleScheduler(model.fc, ...)"
+                f"{_WHO}: the head ({type(head).__name__}) of `target` has no parameters; pass "
+                f"the classifier layer, e.g. RifleScheduler(model.fc, ...)"
+            )
+        if isinstance(target, nn.Module) and (tied := _tied_elsewhere(_unwrap(target), head)):
+            mine, other = tied[0]
+            raise ValueError(
+                f"{_WHO}: the head's parameter `{mine}` is also `{other}` of `target` (tied "
+                f"weights); re-initialising the head would reset that module too. Give the "
+                f"head its own parameters, or do not use RIFLE on this head"
             )
         if init is None:
             covered = {id(p) for root in _reset_roots(head) for p in root.parameters()}
             missing = [n for n, p in head.named_parameters() if id(p) not in covered]
             if missing:
                 raise ValueError(
-                    f"RifleScheduler: head parameters {missing} are not reset by any "
+                    f"{_WHO}: head parameters {missing} are not reset by any "
                     f"reset_parameters() of the head; pass `init=` (a function that "
                     f"re-initialises the head in place)"
                 )
         if optimizer is not None:
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(
-                    f"RifleScheduler: `optimizer` must be a torch.optim.Optimizer, "
-                    f"got {type(optimizer).__name__}"
-                )
+            check_instance(optimizer, "optimizer", torch.optim.Optimizer, who=_WHO,
+                           what="a torch.optim.Optimizer or None")  # fmt: skip
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             if not any(id(p) in held for p in params):
                 raise ValueError(
-                    "RifleScheduler: `optimizer` holds none of the head's parameters; pass the "
+                    f"{_WHO}: `optimizer` holds none of the head's parameters; pass the "
                     "optimizer that trains the head"
                 )
         elif reset_optimizer_state:
             raise ValueError(
-                "RifleScheduler: `reset_optimizer_state=True` needs `optimizer=` (the optimizer "
+                f"{_WHO}: `reset_optimizer_state=True` needs `optimizer=` (the optimizer "
                 "that trains the head)"
             )
         if num_resets is not None:
@@ -323,18 +251,26 @@ class RifleScheduler:
         self.reset_optimizer_state = reset_optimizer_state
         self.seed = seed
         self._schedule = schedule
-        self.last_epoch = -1
+        self.num_steps = 0
         self.last_reset: int | None = None
+        self._warned_past_end = False
+
+    @property
+    def last_epoch(self) -> int:
+        """Read-only alias: the index of the last epoch passed to :meth:`step`
+        (``num_steps - 1``; ``-1`` before the first call), as in ``torch.optim``'s schedulers.
+        """
+        return self.num_steps - 1
 
     # ----------------------------------------------------------------------------- set-up
     @staticmethod
-    def _resolve_head(target: nn.Module | Sequence[nn.Module]) -> nn.Module:
+    def _resolve_head(target: Any) -> nn.Module:
         if isinstance(target, nn.Module):
             target = _unwrap(target)
             if next(target.parameters(), None) is None:
                 raise ValueError(
-                    f"RifleScheduler: the head ({type(target).__name__}) has no parameters; "
-                    f"pass the classifier layer, e.g. RifleScheduler(model.fc, ...)"
+                    f"{_WHO}: `target` ({type(target).__name__}) has no parameters; pass the "
+                    f"classifier layer, e.g. RifleScheduler(model.fc, ...)"
                 )
             looks_like_model = callable(getattr(target, "get_classifier", None)) or any(
                 isinstance(getattr(target, name, None), nn.Module) for name in _HEAD_NAMES
@@ -342,24 +278,29 @@ class RifleScheduler:
             if looks_like_model or not _has_own_parameters(target):
                 return find_classifier(target)
             return target
-        if isinstance(target, (list, tuple)) and target:
-            if not all(isinstance(m, nn.Module) for m in target):
-                raise TypeError("RifleScheduler: every item of a `target` list must be a module")
+        if isinstance(target, (list, tuple)):
+            wrong = sorted({type(m).__name__ for m in target if not isinstance(m, nn.Module)})
+            if wrong:
+                raise TypeError(
+                    f"{_WHO}: every item of a `target` list must be a module, got {wrong}"
+                )
+            if not target:
+                raise ValueError(f"{_WHO}: a `target` list must hold at least one module")
             return nn.ModuleList(target)
         raise TypeError(
-            f"RifleScheduler: `target` must be a module (the head or the model) or a non-empty "
-            f"list of modules, got {type(target).__name__}"
+            f"{_WHO}: `target` must be a module (the head or the model) or a list of modules, "
+            f"got {type(target).__name__}"
         )
 
     @staticmethod
     def _schedule_from_resets(total: int, num_resets: Any, min_after: int | None) -> list[int]:
-        _check_int("num_resets", num_resets, 0)
+        num_resets = check_int(num_resets, "num_resets", who=_WHO, minimum=0)
         if num_resets == 0:
             return []
         period = total // (num_resets + 1)
         if period < 1:
             raise ValueError(
-                f"RifleScheduler: total_epochs={total} is too short for num_resets={num_resets}: "
+                f"{_WHO}: `total_epochs`={total} is too short for `num_resets`={num_resets}: "
                 f"the {num_resets + 1} periods need at least {num_resets + 1} epochs"
             )
         schedule = [k * period - 1 for k in range(1, num_resets + 1)]
@@ -367,15 +308,15 @@ class RifleScheduler:
         need = period if min_after is None else min_after
         if remaining < need:
             raise ValueError(
-                f"RifleScheduler: with total_epochs={total} and num_resets={num_resets} only "
+                f"{_WHO}: with `total_epochs`={total} and `num_resets`={num_resets} only "
                 f"{remaining} epochs follow the last reset, fewer than "
-                f"min_epochs_after_last={need}; lower num_resets or min_epochs_after_last"
+                f"`min_epochs_after_last`={need}; lower num_resets or min_epochs_after_last"
             )
         return schedule
 
     @staticmethod
     def _schedule_from_period(total: int, period: Any, min_after: int | None) -> list[int]:
-        _check_int("period", period, 1)
+        period = check_int(period, "period", who=_WHO, minimum=1)
         need = period if min_after is None else min_after
         schedule = []
         k = 1
@@ -384,8 +325,8 @@ class RifleScheduler:
             k += 1
         if not schedule:
             raise ValueError(
-                f"RifleScheduler: period={period} leaves no room for a reset in "
-                f"total_epochs={total} with min_epochs_after_last={need} epochs after it; "
+                f"{_WHO}: `period`={period} leaves no room for a reset in "
+                f"`total_epochs`={total} with `min_epochs_after_last`={need} epochs after it; "
                 f"use a shorter period"
             )
         return schedule
@@ -407,15 +348,36 @@ class RifleScheduler:
     def step(self) -> bool:
         """Advance one epoch (or step); re-initialise the head if it is due.
 
+        Past ``total_epochs`` calls it warns once (``UserWarning``) and does nothing more.
+
         Returns:
             ``True`` when the head was re-initialised at this call.
         """
-        epoch = self.last_epoch + 1
+        if self.num_steps >= self.total_epochs:
+            if not self._warned_past_end:
+                warnings.warn(
+                    f"{_WHO}: step() called more than `total_epochs`={self.total_epochs} times; "
+                    f"the schedule has ended, the head is not re-initialised again",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._warned_past_end = True
+            return False
+        epoch = self.num_steps
         fired = epoch in self._schedule
         if fired:
-            self._reset(self._schedule.index(epoch))
+            index = self._schedule.index(epoch)
+            self._reset(index)
             self.last_reset = epoch
-        self.last_epoch = epoch
+            _log.info(
+                "RifleScheduler: re-initialised the head (%s) after %s %d (reset %d of %d)",
+                type(self.head).__name__,
+                self.unit,
+                epoch,
+                index + 1,
+                len(self._schedule),
+            )
+        self.num_steps = epoch + 1
         return fired
 
     def head_lr_factor(self, epoch: int) -> float:
@@ -437,19 +399,17 @@ class RifleScheduler:
             >>> " ".join(f"{rifle.head_lr_factor(e):.3f}" for e in range(9))
             '1.000 0.854 0.500 0.146 1.000 0.854 0.500 0.146 0.000'
         """
-        if isinstance(epoch, bool) or not isinstance(epoch, int):
-            raise TypeError(f"head_lr_factor: `epoch` must be an int, got {type(epoch).__name__}")
-        if epoch < 0:
-            raise ValueError(f"head_lr_factor: `epoch` must be >= 0, got {epoch}")
+        epoch = check_int(epoch, "epoch", who=f"{_WHO}.head_lr_factor", minimum=0)
         start = max([0] + [e + 1 for e in self._schedule if e < epoch])
         end = min([e + 1 for e in self._schedule if e + 1 > start] + [self.total_epochs])
         t = min(epoch - start, end - start)
         return 0.5 * (1.0 + math.cos(math.pi * t / (end - start)))
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain-data state (ints, strings, lists): the position in the schedule and its set-up."""
+        """Plain-data state (ints, strings, lists): ``num_steps``, ``last_reset`` and, checked
+        on load, the configuration ``schedule``, ``total_epochs``, ``unit``, ``seed``."""
         return {
-            "last_epoch": self.last_epoch,
+            "num_steps": self.num_steps,
             "last_reset": self.last_reset,
             "schedule": list(self._schedule),
             "total_epochs": self.total_epochs,
@@ -458,35 +418,52 @@ class RifleScheduler:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; the schedule and seed must match this instance's.
+        """Resume from :meth:`state_dict`.
+
+        Checks first, assigns after: the keys; the types of every entry; the configuration
+        (``schedule``, ``total_epochs``, ``unit``, ``seed``) must equal this scheduler's;
+        ``num_steps`` must lie in ``[0, total_epochs]`` and ``last_reset`` must be the last
+        scheduled epoch before it (``None`` if there is none).
 
         Raises:
-            ValueError: missing keys, or a checkpoint made with another schedule or seed
-                (nothing is changed then).
+            TypeError: an entry of the wrong type.
+            ValueError: missing or unknown keys, another configuration, an inconsistent
+                position. Nothing is changed then.
         """
-        missing = {"last_epoch", "last_reset", "schedule", "total_epochs", "unit", "seed"} - set(
-            state_dict
-        )
-        if missing:
-            raise ValueError(f"RifleScheduler.load_state_dict: missing keys {sorted(missing)}")
-        for key, mine in (
-            ("schedule", self._schedule),
-            ("total_epochs", self.total_epochs),
-            ("unit", self.unit),
-            ("seed", self.seed),
-        ):
-            theirs = state_dict[key]
-            if (list(theirs) if key == "schedule" else theirs) != mine:
+        who = f"{_WHO}.load_state_dict"
+        state = check_state_keys(state_dict, _STATE_KEYS, who=who)
+        schedule = state["schedule"]
+        if not isinstance(schedule, (list, tuple)):
+            raise TypeError(
+                f"{who}: `schedule` must be a list of ints, got {type(schedule).__name__}"
+            )
+        theirs = {
+            "schedule": [check_int(e, "schedule", who=who, minimum=0) for e in schedule],
+            "total_epochs": check_int(state["total_epochs"], "total_epochs", who=who, minimum=1),
+            "unit": check_choice(state["unit"], "unit", _UNITS, who=who),
+            "seed": check_optional_int(state["seed"], "seed", who=who, minimum=0),
+        }
+        mine = {"schedule": self._schedule, "total_epochs": self.total_epochs,
+                "unit": self.unit, "seed": self.seed}  # fmt: skip
+        for key, value in theirs.items():
+            if value != mine[key]:
                 raise ValueError(
-                    f"RifleScheduler.load_state_dict: the checkpoint has {key}={theirs!r}, this "
-                    f"scheduler {mine!r}; build the scheduler with the run's original arguments"
+                    f"{who}: the checkpoint has `{key}`={value!r}, this scheduler "
+                    f"{mine[key]!r}; build the scheduler with the run's original arguments"
                 )
-        last_epoch, last_reset = state_dict["last_epoch"], state_dict["last_reset"]
-        if isinstance(last_epoch, bool) or not isinstance(last_epoch, int) or last_epoch < -1:
-            raise ValueError(f"RifleScheduler.load_state_dict: bad last_epoch {last_epoch!r}")
-        if last_reset is not None and last_reset not in self._schedule:
-            raise ValueError(f"RifleScheduler.load_state_dict: bad last_reset {last_reset!r}")
-        self.last_epoch = last_epoch
+        num_steps = check_int(
+            state["num_steps"], "num_steps", who=who, minimum=0, maximum=self.total_epochs
+        )
+        last_reset = state["last_reset"]
+        if last_reset is not None:
+            last_reset = check_int(last_reset, "last_reset", who=who, minimum=0)
+        expected = max((e for e in self._schedule if e < num_steps), default=None)
+        if last_reset != expected:
+            raise ValueError(
+                f"{who}: `last_reset`={last_reset!r} does not fit `num_steps`={num_steps} "
+                f"(the schedule {self._schedule} gives {expected!r})"
+            )
+        self.num_steps = num_steps
         self.last_reset = last_reset
 
     def __repr__(self) -> str:
