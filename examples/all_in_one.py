@@ -7,7 +7,7 @@ Each piece is one or two lines in a plain PyTorch loop:
 
 * ``calibrate(model)``                       ResCNet response calibration in every block
 * ``GenerativeGradientLoss(..., every=4)``   GGR term on the first conv, every 4th step
-* ``CoherentStrongReg(..., l1_mode="prox")`` gated strong L1 -> exact zeros
+* ``CoherentStrongReg(...).attach()`` gated strong proximal L1 -> exact zeros
 * ``RandomLayerTraining(blocks)``            only the last k blocks train in each epoch
 * ``RifleScheduler(model, num_resets=1)``    re-initialise the head once, halfway
 * ``pinv_refit_dense(model.fc, ...)``        closed-form ridge refit of the head at the end
@@ -54,9 +54,8 @@ def main() -> None:
     decoder = ReferenceDecoder.for_layer(model.conv1)
     decoder.fit(batches(data.train_x, data.train_y, bs, shuffle=True), epochs=1, lr=3e-3)
     ggr = GenerativeGradientLoss(model.conv1.weight, decoder, weight=0.1, every=4)
-    reg = CoherentStrongReg(
-        model.named_parameters(), kind="l1", strength=args.l1, l1_mode="prox", optimizer=opt
-    )
+    reg = CoherentStrongReg(model.named_parameters(), strength=args.l1, optimizer=opt)
+    reg.attach()  # the optimizer's step now runs the regulariser
     blocks = [b for stage in (model.layer1, model.layer2, model.layer3) for b in stage]
     layers = RandomLayerTraining(blocks, min_trainable=3, seed=0)
     rifle = RifleScheduler(model, total_epochs=args.epochs, num_resets=1, seed=0)
@@ -74,9 +73,7 @@ def main() -> None:
                 loss = loss + ggr(loss, x)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                reg.step()
                 opt.step()
-                reg.after_step()
         acc = accuracy(model, data.test_x, data.test_y, device=dev)
         curve.append(acc)
         report = compression_report(model)

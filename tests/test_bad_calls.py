@@ -48,7 +48,6 @@ def _public_callables() -> set[str]:
     return names
 
 
-@pytest.mark.xfail(reason="rows are being added with #15/#17; remove this mark then", strict=False)
 def test_every_public_entry_point_has_a_bad_call_row() -> None:
     covered = {c.entry.split(".")[0] if not c.entry.startswith(("functional.", "models."))
                else ".".join(c.entry.split(".")[:2]) for c in CASES}  # fmt: skip

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tests.badcalls import assert_same, snapshot
-from torch_recal import NormalEquations, RandomLayerTraining, RifleScheduler
+from torch_recal import CoherentStrongReg, NormalEquations, RandomLayerTraining, RifleScheduler
 
 WORLDS: list[Any] = []  # one section per piece below; the generic tests are at the end
 
@@ -101,7 +101,38 @@ def _bad_values(value: Any) -> list[Any]:
 
 
 # --------------------------------------------------------------------------- CoherentStrongReg
-# (lead) world added with the coherent gate rework
+class CoherentStrongRegWorld(World):
+    """Attached to the optimizer; the automatic warm-up starts within the first k steps,
+    so every field of the state is set when it is saved."""
+
+    steps = 8
+
+    @classmethod
+    def build(cls, seed: int) -> CoherentStrongRegWorld:
+        torch.manual_seed(seed)
+        world = cls()
+        world.model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        world.optimizer = torch.optim.SGD(world.model.parameters(), lr=0.5)
+        world.piece = CoherentStrongReg(
+            world.model.named_parameters(), strength=0.05, optimizer=world.optimizer, smoothing=0.0
+        )
+        world.piece.attach()
+        return world
+
+    def advance(self, i: int) -> None:
+        assert self.model is not None and self.optimizer is not None
+        _train_step(self.model, self.optimizer, i)
+        if i == self.steps - 1:
+            assert all(v is not None for v in self.piece.state_dict().values())
+
+    @classmethod
+    def bad_values(cls, key: str, value: Any) -> list[Any]:
+        if isinstance(value, float):  # the averages may be negative: only non-finite is wrong
+            return ["x", None, float("nan"), float("inf")]
+        return _bad_values(value)
+
+
+WORLDS.append(CoherentStrongRegWorld)
 
 
 # --------------------------------------------------------------------------- RifleScheduler

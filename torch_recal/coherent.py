@@ -1,22 +1,20 @@
-"""Gradient-coherent strong L1/L2 regularisation and a compression report.
+"""Gradient-coherent strong L1/L2 regularisation.
 
 A strong L1 or L2 penalty trained with SGD easily makes learning fail: the regulariser's
-gradient swamps the loss gradient, the weights collapse and the loss gradient vanishes.
-:class:`CoherentStrongReg` imposes the strong regulariser only while the gradients stay
-coherent, judged each step from the loss gradient ``g`` (the ``.grad`` that
-``loss.backward()`` left, already all-reduced under DDP) and the regulariser's gradient
-``r`` over all regularised tensors:
-
-* ``cosine = <g, r> / (|g| |r|)`` and ``ratio = |r| / |g|`` (one fused reduction, one
-  host-device sync per step); for L1, ``|r| = strength * sqrt(n)`` over the ``n``
-  regularised weights (the subgradient at a zero weight can reach ``strength``);
-* a step is *incoherent* when ``ratio > max_ratio`` (the loss gradient is dominated) or
-  ``cosine < min_cosine`` (it points against the regulariser);
-* after ``window`` consecutive incoherent steps the regulariser is switched off; with
-  ``reactivate=True`` it is switched back on after ``window`` consecutive coherent steps.
-
-The exact criterion of the paper could not be read here (only its abstract and
-introduction); this is the library's documented default, see ``docs/methods/coherent.md``.
+pull swamps the loss gradient, the weights collapse and the loss gradient vanishes.
+:class:`CoherentStrongReg` imposes the strong regulariser only while the loss gradient stays
+*coherent* with the regularised update. The default criterion (``"descent"``) compares, to
+first order, the loss decrease of the optimizer's step, ``progress = <g, w_before -
+w_after>``, with the loss increase of the regulariser's step, ``cost = <g, w_after -
+w_reg>``: the regulariser goes off when ``EMA(cost) / EMA(progress)`` (the fraction of the
+progress it undoes) exceeds ``max_undo`` and comes back below ``resume_undo``. Both are inner
+products of the same gradient with two steps of the same size, so the rule does not depend
+on the number of parameters, the gradient's scale or the optimizer, stays on while learning
+converges, and trips within a few steps when the regulariser starts to destroy what was
+learnt. By default (``warmup="auto"``) the regulariser waits until learning has taken off,
+then ramps its strength up. The paper's exact criterion could not be read here; the criteria
+are this library's, chosen by measurement (``docs/methods/coherent.md``), and the first
+default, a norm-ratio rule, stays available as ``criterion="ratio"``.
 
 Paper: Park et al., "Gradient-Coherent Strong Regularization for Deep Neural Networks",
 https://arxiv.org/abs/1811.08056
@@ -24,113 +22,109 @@ https://arxiv.org/abs/1811.08056
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
+from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from torch_recal import _dist
-from torch_recal.functional import coherence_statistics, soft_threshold_
+from torch_recal._checks import (
+    check_choice,
+    check_flag,
+    check_instance,
+    check_int,
+    check_optional_real,
+    check_real,
+)
+from torch_recal._coherent_ops import (
+    Pending,
+    check_gate_state,
+    check_one_mesh,
+    dots,
+    first_order_cost,
+    l1_subgradient_,
+    ratio_measures,
+    select_params,
+    sum_over_tensors,
+    truncate_,
+)
+from torch_recal.compression import (
+    CompressionReport,
+    LayerSparsity,
+    compression_report,
+)
+from torch_recal.functional import soft_threshold_
 
-__all__ = ["CoherentStrongReg", "CompressionReport", "LayerSparsity", "compression_report"]
+__all__ = [
+    "Attachment",
+    "CoherentStrongReg",
+    "CompressionReport",
+    "LayerSparsity",
+    "compression_report",
+]
+
+Kind = Literal["l1", "l2"]
+L1Mode = Literal["prox", "subgradient"]
+Criterion = Literal["descent", "ratio", "always"]
 
 _KINDS = ("l1", "l2")
-_L1_MODES = ("subgradient", "prox")
-_PAPER = "https://arxiv.org/abs/1811.08056"
+_L1_MODES = ("prox", "subgradient")
+_CRITERIA = ("descent", "ratio", "always")
+_WHO = "CoherentStrongReg"
+_REFERENCE_STEPS = 5  # steps after `delay` whose progress is the take-off reference
+_RAMP_PER_WAIT = 4  # warmup="auto": ramp over this many times the steps the take-off took
+_log = logging.getLogger("torch_recal")
 
 
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+class Attachment:
+    """What :meth:`CoherentStrongReg.attach` returns: ``remove()`` (or leaving a ``with``
+    block) takes the regulariser off the optimizer's step hooks."""
 
+    def __init__(self, reg: CoherentStrongReg) -> None:
+        self._reg, self._handles = reg, list(reg._handles)
 
-def _check_one_mesh(names: list[str], params: list[nn.Parameter]) -> None:
-    """Sharded (DTensor) parameters must share one mesh and placement: their statistics are
-    summed over that mesh's sharded dimensions in one collective."""
-    sharded = [(n, p) for n, p in zip(names, params, strict=True) if _dist.is_dtensor(p)]
-    if not sharded:
-        return
-    name0, first = sharded[0]
-    layout = (first.device_mesh, first.placements)  # type: ignore[attr-defined]
-    for name, p in sharded[1:]:
-        if (p.device_mesh, p.placements) != layout:  # type: ignore[attr-defined]
-            raise ValueError(
-                f"CoherentStrongReg: sharded parameters must share one device mesh and "
-                f"placement; `{name}` ({p.placements}) differs from `{name0}` "  # type: ignore[attr-defined]
-                f"({first.placements}): use one regulariser per layout"  # type: ignore[attr-defined]
-            )
+    def remove(self) -> None:
+        """Detach (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        if self._reg._handles == self._handles:
+            self._reg._handles = []
+        self._handles = []
 
+    def __enter__(self) -> Attachment:
+        return self
 
-def _is_weight(name: str, p: Tensor) -> bool:
-    """The ``weights_only`` rule: at least 2 dims and a name that does not end in ``bias``."""
-    return p.ndim >= 2 and name.rsplit(".", 1)[-1] != "bias"
-
-
-def _select_params(
-    params: Iterable[Any], weights_only: bool
-) -> tuple[list[str], list[nn.Parameter]]:
-    """Names and tensors to regularise from parameters or ``(name, parameter)`` pairs."""
-    if isinstance(params, Tensor):
-        raise TypeError(
-            "CoherentStrongReg: `params` must be an iterable of parameters or (name, parameter) "
-            "pairs (e.g. model.named_parameters()), got a single Tensor"
-        )
-    names: list[str] = []
-    tensors: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for i, item in enumerate(params):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            name, p = item
-        else:
-            name, p = f"params[{i}]", item
-        if not isinstance(p, Tensor):
-            raise TypeError(
-                "CoherentStrongReg: `params` must hold Tensors or (name, Tensor) pairs, got "
-                f"{type(p).__name__} at position {i}"
-            )
-        if id(p) in seen:
-            continue
-        if weights_only and not _is_weight(name, p):
-            continue
-        if not p.is_floating_point():
-            raise TypeError(f"CoherentStrongReg: parameter `{name}` must be floating point")
-        if _dist.is_sharded(p) and not _dist.is_dtensor(p):
-            raise TypeError(
-                f"CoherentStrongReg: parameter `{name}` is an FSDP1 flat parameter, which is "
-                "not supported; use FSDP2 (fully_shard) or DDP"
-            )
-        if not p.requires_grad:
-            continue
-        seen.add(id(p))
-        names.append(name)
-        tensors.append(p)  # type: ignore[arg-type]
-    if not tensors:
-        raise ValueError(
-            "CoherentStrongReg: `params` selected no tensor to regularise (with "
-            f"weights_only={weights_only}, only tensors with requires_grad, at least 2 dims and "
-            "a name not ending in 'bias' are kept)"
-        )
-    return names, tensors
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
 
 class CoherentStrongReg:
     """Strong L1/L2 regularisation imposed only while the gradients stay coherent.
 
-    Call :meth:`step` after ``loss.backward()`` and before ``optimizer.step()``: it measures
-    the coherence of the current loss gradients with the regulariser's gradient, updates the
-    on/off state and, when on, adds the regulariser's gradient to ``.grad`` (L2:
-    ``strength * w``, exactly what SGD's ``weight_decay`` adds; L1 with
-    ``l1_mode="subgradient"``: ``strength * sign(w)``, and at ``w == 0`` the minimum-norm
-    subgradient ``sign(g) max(|g| - strength, 0)``). Call :meth:`after_step` after
-    ``optimizer.step()``: for ``l1_mode="prox"`` it applies the soft-threshold
-    ``w <- sign(w) max(|w| - lr * strength, 0)`` (the regulariser is not added to the
-    gradient in that mode); for ``"subgradient"`` it sets to exactly zero the weights that
-    the step pushed across zero, and keeps a zero weight at zero unless its loss gradient
-    exceeded ``strength`` (momentum cannot drag it away). So in
-    both L1 modes the weights the regulariser removes are exact zeros, which is what
-    :func:`compression_report` counts.
+    Attach it to the optimizer once (``reg.attach()``; the optimizer's step hooks then run
+    it, also with ``optimizer.step(closure)``, fused/foreach optimizers, gradient clipping
+    and ``torch.amp.GradScaler``), or call :meth:`step` after ``loss.backward()`` and
+    :meth:`after_step` after ``optimizer.step()`` yourself.
+
+    While it is on: proximal L1 (``l1_mode="prox"``, default) soft-thresholds the weights
+    after the optimizer's step, ``w <- sign(w) max(|w| - lr * strength, 0)``, so removed
+    weights are exact zeros; subgradient L1 adds ``strength * sign(w)`` to ``.grad`` (the
+    minimum-norm subgradient at ``w == 0``) and truncates zero crossings to exact zeros; L2
+    adds ``strength * w`` (exactly SGD's ``weight_decay``). When it is on is decided by the
+    ``criterion`` (see the module docstring and ``docs/methods/coherent.md``):
+
+    * ``"descent"`` (default): off when the regulariser's step undoes more than ``max_undo``
+      of the optimizer's first-order progress on the loss (smoothed), on again below
+      ``resume_undo``;
+    * ``"ratio"``: the first default of this library (off after ``window`` steps with
+      ``|r| / |g| > max_ratio`` or ``cos(g, r) < min_cosine``, ``|r| = strength sqrt(n)``
+      for L1); it measured poorly and is kept by name;
+    * ``"always"``: on at every step after ``delay`` (the plain and delayed baselines).
 
     Which tensors: by default (``weights_only=True``) the weights of conv/linear layers,
     told apart from biases and norm parameters as the tensors with at least 2 dims whose
@@ -138,25 +132,36 @@ class CoherentStrongReg:
     them). Frozen tensors (``requires_grad=False``) are skipped.
 
     Paper: Park et al., "Gradient-Coherent Strong Regularization for Deep Neural Networks",
-    https://arxiv.org/abs/1811.08056 (the criterion's defaults are this library's; see
+    https://arxiv.org/abs/1811.08056 (the criteria are this library's; see
     ``docs/methods/coherent.md`` for what is verified and what is chosen).
 
     Args:
         params: parameters or ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
         kind: ``"l1"`` or ``"l2"``.
         strength: the regularisation strength (lambda), a positive float.
-        l1_mode: ``"subgradient"`` (default) or ``"prox"`` (needs ``lr`` or ``optimizer``).
-        max_ratio: a step is incoherent when ``|r| / |g| > max_ratio`` (``None``: unused).
-        min_cosine: a step is incoherent when ``cos(g, r) < min_cosine`` (``None``: unused).
-        window: consecutive incoherent (coherent) steps needed to switch off (on).
-        reactivate: switch the regulariser back on after ``window`` coherent steps.
-        delay: number of initial steps without any regularisation (Delayed Strong
-            Regularization, the authors' earlier method); ``0`` starts at once.
-        gate: ``False`` imposes the regulariser on every step after ``delay`` (the plain or
-            delayed baselines), while still recording the coherence measures.
-        lr: learning rate for ``l1_mode="prox"`` (ignored when ``optimizer`` is given).
-        optimizer: the optimizer, read at each :meth:`after_step` for per-group learning rates.
+        l1_mode: ``"prox"`` (default; the learning rate comes from ``optimizer`` or ``lr``)
+            or ``"subgradient"``.
+        criterion: ``"descent"`` (default), ``"ratio"`` or ``"always"``.
+        max_undo: ``"descent"``: switch off above this undone fraction (> 0).
+        resume_undo: ``"descent"``: switch back on below it (``0 < resume_undo <= max_undo``).
+        smoothing: ``"descent"``: EMA factor of the progress and the cost, in ``[0, 1)``.
+        warmup: ``"auto"`` (wait for take-off, then ramp the strength; see the module
+            docstring), or a number of steps over which the strength ramps up linearly from
+            ``strength / warmup`` (``0``: full strength at once).
+        takeoff: ``warmup="auto"``: the growth of the optimizer's progress over its level
+            in the first steps that counts as take-off (> 1).
+        max_ratio: ``"ratio"``: incoherent when ``|r| / |g| > max_ratio`` (``None``: unused).
+        min_cosine: ``"ratio"``: incoherent when ``cos(g, r) < min_cosine`` (``None``: unused).
+        window: ``"ratio"``: consecutive incoherent (coherent) steps to switch off (on).
+        reactivate: ``"ratio"``: switch back on after ``window`` coherent steps.
+        delay: steps without any regularisation first (Delayed Strong Regularization).
+        lr: learning rate for the proximal and decay steps when no ``optimizer`` is given.
+        optimizer: the optimizer; its per-group learning rates are read at every step, and
+            :meth:`attach` hooks into it.
+        scaler: the ``torch.amp.GradScaler`` in use, if any: steps with inf/NaN gradients are
+            then skipped silently (they are the scaler's skipped steps), else with a warning.
         weights_only: keep only conv/linear weights (see above).
+        history_size: how many recent steps :attr:`history` keeps.
 
     Example:
         >>> import torch
@@ -164,415 +169,449 @@ class CoherentStrongReg:
         >>> from torch_recal import CoherentStrongReg
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> reg = CoherentStrongReg(model.named_parameters(), kind="l1", strength=1e-3)
+        >>> reg = CoherentStrongReg(model.named_parameters(), strength=1e-3, optimizer=opt)
         >>> reg.names
         ['0.weight', '2.weight']
-        >>> loss = model(torch.randn(16, 4)).square().mean()
-        >>> loss.backward()
-        >>> reg.step()
-        >>> opt.step()
-        >>> reg.after_step()
-        >>> reg.is_active, len(reg.history)
-        (True, 1)
+        >>> handle = reg.attach()  # the optimizer's step now runs the regulariser
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     model(torch.randn(16, 4)).square().mean().backward()
+        ...     opt.step()
+        >>> reg.num_steps, len(reg.history)
+        (3, 3)
+        >>> handle.remove()
     """
 
     def __init__(
         self,
         params: Iterable[Any],
         *,
-        kind: str = "l1",
+        kind: Kind = "l1",
         strength: float,
-        l1_mode: str = "subgradient",
+        l1_mode: L1Mode = "prox",
+        criterion: Criterion = "descent",
+        max_undo: float = 0.5,
+        resume_undo: float = 0.25,
+        smoothing: float = 0.9,
+        warmup: int | Literal["auto"] = "auto",
+        takeoff: float = 10.0,
         max_ratio: float | None = 4.0,
         min_cosine: float | None = None,
         window: int = 2,
         reactivate: bool = True,
         delay: int = 0,
-        gate: bool = True,
         lr: float | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        scaler: Any | None = None,
         weights_only: bool = True,
+        history_size: int = 1000,
     ) -> None:
-        name = "CoherentStrongReg"
-        if kind not in _KINDS:
-            raise ValueError(f"{name}: `kind` must be one of {_KINDS}, got {kind!r}")
-        if not (_is_real(strength) and strength > 0):
-            raise ValueError(
-                f"{name}: `strength` must be a positive finite float, got {strength!r}"
-            )
-        if l1_mode not in _L1_MODES:
-            raise ValueError(f"{name}: `l1_mode` must be one of {_L1_MODES}, got {l1_mode!r}")
-        if max_ratio is not None and not (_is_real(max_ratio) and max_ratio > 0):
-            raise ValueError(
-                f"{name}: `max_ratio` must be a positive float or None, got {max_ratio!r}"
-            )
-        if min_cosine is not None and not (_is_real(min_cosine) and -1 <= min_cosine <= 1):
-            raise ValueError(f"{name}: `min_cosine` must be in [-1, 1] or None, got {min_cosine!r}")
-        if not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
-            raise ValueError(f"{name}: `window` must be an int >= 1, got {window!r}")
-        if not (isinstance(delay, int) and not isinstance(delay, bool) and delay >= 0):
-            raise ValueError(f"{name}: `delay` must be an int >= 0, got {delay!r}")
-        if lr is not None and not (_is_real(lr) and lr > 0):
-            raise ValueError(f"{name}: `lr` must be a positive float or None, got {lr!r}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        self.kind: Kind = check_choice(kind, "kind", _KINDS, who=_WHO)  # type: ignore[assignment]
+        self.strength = check_real(strength, "strength", who=_WHO, minimum=0, open_low=True)
+        self.l1_mode: L1Mode = check_choice(l1_mode, "l1_mode", _L1_MODES, who=_WHO)  # type: ignore[assignment]
+        self.criterion: Criterion = check_choice(criterion, "criterion", _CRITERIA, who=_WHO)  # type: ignore[assignment]
+        self.max_undo = check_real(max_undo, "max_undo", who=_WHO, minimum=0, open_low=True)
+        self.resume_undo = check_real(
+            resume_undo, "resume_undo", who=_WHO, minimum=0, maximum=self.max_undo, open_low=True
+        )
+        self.smoothing = check_real(
+            smoothing, "smoothing", who=_WHO, minimum=0, maximum=1, open_high=True
+        )
+        if warmup != "auto":
+            if isinstance(warmup, str):
+                raise ValueError(f"{_WHO}: `warmup` must be 'auto' or an int >= 0, got {warmup!r}")
+            check_int(warmup, "warmup", who=_WHO, minimum=0)
+        self.warmup: int | Literal["auto"] = warmup
+        self.takeoff = check_real(takeoff, "takeoff", who=_WHO, minimum=1, open_low=True)
+        self.max_ratio = check_optional_real(
+            max_ratio, "max_ratio", who=_WHO, minimum=0, open_low=True
+        )
+        self.min_cosine = check_optional_real(
+            min_cosine, "min_cosine", who=_WHO, minimum=-1, maximum=1
+        )
+        self.window = check_int(window, "window", who=_WHO, minimum=1)
+        self.reactivate = check_flag(reactivate, "reactivate", who=_WHO)
+        self.delay = check_int(delay, "delay", who=_WHO, minimum=0)
+        self.lr = check_optional_real(lr, "lr", who=_WHO, minimum=0, open_low=True)
+        if optimizer is not None:
+            check_instance(optimizer, "optimizer", torch.optim.Optimizer, who=_WHO)
+        if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
             raise TypeError(
-                f"{name}: `optimizer` must be a torch.optim.Optimizer, got "
-                f"{type(optimizer).__name__}"
+                f"{_WHO}: `scaler` must be a torch.amp.GradScaler, got {type(scaler).__name__}"
             )
-        if kind == "l1" and l1_mode == "prox" and lr is None and optimizer is None:
-            raise ValueError(
-                f"{name}: l1_mode='prox' needs `lr=` or `optimizer=` for the threshold"
-            )
-        self.names, self.params = _select_params(params, bool(weights_only))
-        _check_one_mesh(self.names, self.params)
-        self._live: tuple[list[str], list[Tensor]] = (self.names, list(self.params))
-        self.kind = kind
-        self.strength = float(strength)
-        self.l1_mode = l1_mode
-        self.max_ratio = None if max_ratio is None else float(max_ratio)
-        self.min_cosine = None if min_cosine is None else float(min_cosine)
-        self.window = window
-        self.reactivate = bool(reactivate)
-        self.delay = delay
-        self.gate = bool(gate)
-        self.lr = None if lr is None else float(lr)
+        weights_only = check_flag(weights_only, "weights_only", who=_WHO)
+        history_size = check_int(history_size, "history_size", who=_WHO, minimum=0)
+        self.names, self.params = select_params(params, weights_only)
+        check_one_mesh(self.names, self.params)
         self.optimizer = optimizer
-        self.num_steps = 0
-        self.is_active = delay == 0
-        self._streak = 0
-        self.history: list[dict[str, Any]] = []
-        self._pending: str | None = None  # what after_step() has to do for the last step()
-        self._signs: list[Tensor] | None = None
-        self._leave_zero: list[Tensor] | None = None
-
-    # ------------------------------------------------------------------ the gate
-    def _incoherent(self, cosine: float, ratio: float) -> bool:
-        if self.max_ratio is not None and ratio > self.max_ratio:
-            return True
-        return self.min_cosine is not None and cosine < self.min_cosine
-
-    def _update_state(self, cosine: float, ratio: float) -> None:
-        if self.num_steps < self.delay:
-            self.is_active, self._streak = False, 0
-            return
-        if self.num_steps == self.delay:
-            self.is_active, self._streak = True, 0
-        if not self.gate:
-            return
-        bad = self._incoherent(cosine, ratio)
-        if self.is_active:
-            self._streak = self._streak + 1 if bad else 0
-            if self._streak >= self.window:
-                self.is_active, self._streak = False, 0
-        elif self.reactivate:
-            self._streak = self._streak + 1 if not bad else 0
-            if self._streak >= self.window:
-                self.is_active, self._streak = True, 0
-
-    @torch.no_grad()
-    def step(self) -> None:
-        """Measure coherence, update the on/off state and add the regulariser if it is on.
-
-        Call after ``loss.backward()`` and before ``optimizer.step()``.
-
-        Raises:
-            RuntimeError: a regularised parameter has no ``.grad``.
-        """
-        # Tensors frozen right now (requires_grad=False, e.g. by RandomLayerTraining) are
-        # neither updated by the optimizer nor regularised in this step.
-        live = [(n, p) for n, p in zip(self.names, self.params, strict=True) if p.requires_grad]
-        missing = [n for n, p in live if p.grad is None]
-        if missing or not live:
-            raise RuntimeError(
-                "CoherentStrongReg.step: these regularised parameters have no .grad (call "
-                f"step() after loss.backward(), and pass only parameters the loss uses): "
-                f"{missing or 'none requires grad'}"
-            )
-        names = [n for n, _ in live]
-        params: list[Tensor] = [p for _, p in live]
-        # elementwise work on this rank's slices of FSDP2 / DTensor parameters (views)
-        local_params = [_dist.local_tensor(p) for p in params]
-        grads: list[Tensor] = [_dist.local_tensor(p.grad) for p in params]  # type: ignore[arg-type]  # fmt: skip
-        stats = self._statistics(grads, local_params, params)
-        dot, gg, rr = stats.tolist()  # the one host-device sync of the step
-        g_norm = math.sqrt(gg)
-        # L1: at w == 0 the regulariser's subgradient can reach `strength` in size (it is
-        # what holds a zero weight at zero), so |r| counts every entry: strength * sqrt(n).
-        numel = sum(p.numel() for p in params)
-        r_norm = self.strength * math.sqrt(numel if self.kind == "l1" else rr)
-        cosine = dot / math.sqrt(gg * rr) if gg > 0 and rr > 0 else 0.0
-        ratio = r_norm / g_norm if g_norm > 0 else (math.inf if r_norm > 0 else 0.0)
-        self._update_state(cosine, ratio)
-        self._pending, self._signs, self._leave_zero = None, None, None
-        self._live = (names, params)
-        if self.is_active:
-            if self.kind == "l2":
-                torch._foreach_add_(grads, local_params, alpha=self.strength)
-            elif self.l1_mode == "subgradient":
-                self._l1_subgradient_(grads, local_params)
-                self._pending = "truncate"
-            else:
-                self._pending = "prox"
-        self.history.append(
-            {
-                "step": self.num_steps,
-                "active": self.is_active,
-                "cosine": cosine,
-                "ratio": ratio,
-                "grad_norm": g_norm,
-                "reg_norm": r_norm,
-            }
-        )
-        self.num_steps += 1
-
-    def _statistics(
-        self,
-        grads: list[Tensor],
-        local_params: list[Tensor],
-        params: list[Tensor],
-    ) -> Tensor:
-        """``[<g, r>, |g|^2, |r|^2]`` over the whole tensors: DTensor (FSDP2) slices are
-        reduced over the ranks that hold the other slices, plain tensors are counted once."""
-        sharded = [i for i, p in enumerate(params) if _dist.is_dtensor(p)]
-        if not sharded:
-            return coherence_statistics(grads, local_params, self.kind)
-        plain = [i for i, p in enumerate(params) if not _dist.is_dtensor(p)]
-        stats = coherence_statistics(
-            [grads[i] for i in sharded], [local_params[i] for i in sharded], self.kind
-        )
-        _dist.all_reduce_over_shards_(stats, params[sharded[0]])  # one mesh: checked at init
-        if plain:
-            stats = stats + coherence_statistics(
-                [grads[i] for i in plain], [local_params[i] for i in plain], self.kind
-            )
-        return stats
-
-    def _l1_subgradient_(self, grads: list[Tensor], params: list[Tensor]) -> None:
-        """``g + strength * sign(w)`` where ``w != 0``; at ``w == 0`` the minimum-norm
-        subgradient ``sign(g) * max(|g| - strength, 0)`` (zero unless the loss gradient beats
-        the regulariser). Keeps what :meth:`after_step` needs."""
-        lam = self.strength
-        signs = torch._foreach_sign(params)
-        at_zero = torch._foreach_abs(signs)  # 1 where w != 0 ...
-        torch._foreach_neg_(at_zero)
-        torch._foreach_add_(at_zero, 1.0)  # ... now 1 where w == 0
-        leaves = torch._foreach_abs(grads)  # 1 where |g| > strength, else 0
-        torch._foreach_sub_(leaves, lam)
-        torch._foreach_sign_(leaves)
-        torch._foreach_clamp_min_(leaves, 0.0)
-        # at zero: g - strength * sign(g) where |g| > strength, else 0
-        shrink = torch._foreach_sign(grads)
-        torch._foreach_mul_(shrink, -lam)
-        torch._foreach_add_(shrink, grads)
-        torch._foreach_mul_(shrink, leaves)
-        # elsewhere: g + strength * sign(w)   (sign(w) = 0 at zero, so that term vanishes)
-        torch._foreach_mul_(grads, torch._foreach_abs(signs))
-        torch._foreach_add_(grads, signs, alpha=lam)
-        torch._foreach_mul_(shrink, at_zero)
-        torch._foreach_add_(grads, shrink)
-        torch._foreach_mul_(at_zero, leaves)  # zeros allowed to leave zero
-        self._signs, self._leave_zero = list(signs), list(at_zero)
-
-    def _group_lrs(self, names: list[str], params: list[Tensor]) -> list[float]:
-        if self.optimizer is None:
-            return [float(self.lr)] * len(params)  # type: ignore[arg-type]
-        lr_of: dict[int, float] = {}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                lr_of[id(p)] = float(group["lr"])
-        out = []
-        for n, p in zip(names, params, strict=True):
-            if id(p) not in lr_of:
-                raise ValueError(f"CoherentStrongReg.after_step: `{n}` is not in `optimizer`")
-            out.append(lr_of[id(p)])
-        return out
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """Finish the L1 update after ``optimizer.step()`` (a no-op for L2 or when off).
-
-        ``l1_mode="prox"``: soft-threshold by ``lr * strength`` (zeros stay zero unless the
-        loss step moved them by more than the threshold). ``"subgradient"``: weights whose
-        sign the step flipped are set to exactly zero, and zero weights whose loss gradient
-        did not exceed ``strength`` are put back to exactly zero.
-        """
-        pending, self._pending = self._pending, None
-        if pending is None:  # L2, gate off, or no step() since the last call
-            return
-        names, originals = self._live
-        params = [_dist.local_tensor(p) for p in originals]  # DTensor: this rank's slice
-        if pending == "prox":
-            by_lr: dict[float, list[Tensor]] = {}
-            for p, lr in zip(params, self._group_lrs(names, originals), strict=True):
-                by_lr.setdefault(lr, []).append(p)
-            for lr, tensors in by_lr.items():
-                soft_threshold_(tensors, lr * self.strength)
-        elif pending == "truncate" and self._signs is not None and self._leave_zero is not None:
-            # keep = 1 where the weight stayed on its side, or was zero and its loss gradient
-            # beat the regulariser; 0 where the step crossed zero, or moved a zero weight
-            # that should have stayed (e.g. through the momentum buffer).
-            keep = list(torch._foreach_sign(params))
-            torch._foreach_mul_(keep, self._signs)  # +1 same side, -1 crossed, 0 was zero
-            torch._foreach_clamp_min_(keep, 0.0)
-            torch._foreach_add_(keep, self._leave_zero)
-            torch._foreach_mul_(params, keep)
-        self._signs, self._leave_zero = None, None
+        self.scaler = scaler
+        self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
+        self._pending: Pending | None = None
+        self._handles: list[Any] = []
+        self._state = self._initial_state()
 
     # ------------------------------------------------------------------ state
+    def _initial_state(self) -> dict[str, Any]:
+        return {
+            "num_steps": 0,
+            "num_skipped": 0,
+            "is_active": self.warmup != "auto" or self.criterion != "descent",
+            "streak": 0,
+            "cost_ema": None,
+            "progress_ema": None,
+            "reference_progress": None,
+            "peak_progress": None,
+            "ramp_start": None if self.warmup == "auto" else self.delay,
+            "ramp_length": None if self.warmup == "auto" else int(self.warmup),
+        }
+
+    @property
+    def num_steps(self) -> int:
+        """Completed :meth:`step` calls."""
+        return int(self._state["num_steps"])
+
+    @property
+    def num_skipped(self) -> int:
+        """Steps skipped because the loss gradient was not finite."""
+        return int(self._state["num_skipped"])
+
+    @property
+    def is_active(self) -> bool:
+        """Whether the gate lets the regulariser act at the next step (after ``delay`` and
+        once the warm-up has started)."""
+        return bool(self._state["is_active"]) and self._started(self.num_steps)
+
+    @property
+    def strength_now(self) -> float:
+        """The strength the next step would use (ramped during the warm-up)."""
+        return self.strength * self._ramp(self.num_steps)
+
+    @property
+    def _needs_lr(self) -> bool:
+        """The proximal step and the descent criterion's cost need the learning rate."""
+        return (self.kind == "l1" and self.l1_mode == "prox") or self.criterion == "descent"
+
+    def _started(self, step: int) -> bool:
+        start = self._state["ramp_start"]
+        return step >= self.delay and start is not None and step >= start
+
+    def _ramp(self, step: int) -> float:
+        if not self._started(step):
+            return 0.0
+        length = self._state["ramp_length"] or 0
+        return min(1.0, (step - self._state["ramp_start"] + 1) / length) if length else 1.0
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain-data state: counters, the on/off state and the history.
+        """Plain-data state: the counters, the gate and its averages (not the history).
 
         Example:
             >>> import torch
             >>> from torch_recal import CoherentStrongReg
-            >>> reg = CoherentStrongReg([torch.nn.Parameter(torch.ones(2, 2))], strength=0.1)
-            >>> sorted(reg.state_dict())
-            ['history', 'is_active', 'num_steps', 'streak']
+            >>> reg = CoherentStrongReg([torch.nn.Parameter(torch.ones(2, 2))], strength=0.1,
+            ...                         lr=0.1)
+            >>> sorted(reg.state_dict())[:4]
+            ['cost_ema', 'is_active', 'num_skipped', 'num_steps']
         """
-        return {
-            "num_steps": self.num_steps,
-            "is_active": self.is_active,
-            "streak": self._streak,
-            "history": [dict(h) for h in self.history],
-        }
+        return dict(self._state)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (checked before anything changes)."""
-        keys = {"num_steps", "is_active", "streak", "history"}
-        if not isinstance(state, dict) or not keys <= set(state):
-            got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                "CoherentStrongReg.load_state_dict: `state` must have keys "
-                f"{sorted(keys)}, got {got}"
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; everything is checked first (types,
+        ranges, consistency), then assigned at once."""
+        who = f"{_WHO}.load_state_dict"
+        new = check_gate_state(state_dict, self._state.keys(), self.warmup, self.delay, who)
+        self._state = new
+        self._pending = None
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, optimizer: torch.optim.Optimizer | None = None) -> Attachment:
+        """Run the regulariser from the optimizer's step hooks: :meth:`step` just before the
+        update (after the closure's ``backward()`` when ``optimizer.step(closure)`` is used,
+        after gradient clipping and the ``GradScaler``'s unscaling), :meth:`after_step` just
+        after it. A step the ``GradScaler`` skips (inf/NaN) never calls the optimizer, so the
+        regulariser does nothing either.
+
+        Args:
+            optimizer: the optimizer (default: the one given to the constructor).
+
+        Returns:
+            A handle whose ``remove()`` detaches the regulariser again.
+
+        Raises:
+            TypeError: ``optimizer`` is not an optimizer.
+            ValueError: no optimizer is known, or another one than the constructor's.
+            RuntimeError: the regulariser is already attached.
+        """
+        who = f"{_WHO}.attach"
+        if optimizer is None:
+            optimizer = self.optimizer
+            if optimizer is None:
+                raise ValueError(f"{who}: `optimizer` must be given (here or to the constructor)")
+        check_instance(optimizer, "optimizer", torch.optim.Optimizer, who=who)
+        if self.optimizer is not None and optimizer is not self.optimizer:
+            raise ValueError(f"{who}: `optimizer` is not the optimizer given to the constructor")
+        if self._handles:
+            raise RuntimeError(f"{who}: already attached; remove() the first handle first")
+        self._check_in_optimizer(optimizer, who)
+        self.optimizer = optimizer
+
+        def pre_hook(opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            # args = (optimizer, *step's positional args): the closure is args[1] or a kwarg
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            if closure is None:
+                self.step()
+                return None
+
+            def closure_then_step() -> Any:  # the closure computes the gradients
+                loss = closure()
+                self.step()
+                return loss
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": closure_then_step}
+            return (args[0], closure_then_step, *args[2:]), kwargs
+
+        def post_hook(opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.after_step()
+
+        self._handles = [
+            optimizer.register_step_pre_hook(pre_hook),
+            optimizer.register_step_post_hook(post_hook),
+        ]
+        return Attachment(self)
+
+    def _check_in_optimizer(self, optimizer: torch.optim.Optimizer, who: str) -> None:
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n, p in zip(self.names, self.params, strict=True) if id(p) not in owned]
+        if missing:
+            raise ValueError(f"{who}: `optimizer` does not hold the regularised {missing}")
+
+    def _lrs(self, names: list[str], params: list[Tensor], who: str) -> list[float]:
+        if self.optimizer is None:
+            if self.lr is None:
+                raise RuntimeError(
+                    f"{who}: the proximal/decay step needs a learning rate: pass `optimizer=` "
+                    "or `lr=` to the constructor, or attach(optimizer)"
+                )
+            return [self.lr] * len(params)
+        lr_of = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
+        out = []
+        for n, p in zip(names, params, strict=True):
+            if id(p) not in lr_of:
+                raise ValueError(f"{who}: `{n}` is not in `optimizer`")
+            out.append(lr_of[id(p)])
+        return out
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self) -> None:
+        """Start a step: read the loss gradient and, if the regulariser is on and acts
+        through the gradient (subgradient L1, L2), add it to ``.grad``.
+
+        Call after ``loss.backward()`` (and after any gradient clipping and
+        ``scaler.unscale_(optimizer)``), before ``optimizer.step()``; then call
+        :meth:`after_step`. :meth:`attach` does both for you.
+
+        Raises:
+            RuntimeError: a regularised parameter has no ``.grad``, or the last step's
+                :meth:`after_step` was not called (the regulariser would act twice on the
+                same gradients). Nothing changes.
+        """
+        who = f"{_WHO}.step"
+        if self._pending is not None:
+            raise RuntimeError(
+                f"{who}: called twice without after_step(); call after_step() after "
+                "optimizer.step() (or use attach())"
             )
-        num_steps, streak = state["num_steps"], state["streak"]
-        if not (isinstance(num_steps, int) and num_steps >= 0 and isinstance(streak, int)):
-            raise ValueError(
-                "CoherentStrongReg.load_state_dict: `num_steps` and `streak` must be non-negative "
-                f"ints, got {num_steps!r} and {streak!r}"
+        live = [(n, p) for n, p in zip(self.names, self.params, strict=True) if p.requires_grad]
+        missing = [n for n, p in live if p.grad is None]
+        if missing or not live:
+            raise RuntimeError(
+                f"{who}: these regularised parameters have no .grad (call step() after "
+                f"loss.backward(), and pass only parameters the loss uses): "
+                f"{missing or 'none requires grad'}"
             )
-        self.num_steps = num_steps
-        self.is_active = bool(state["is_active"])
-        self._streak = streak
-        self.history = [dict(h) for h in state["history"]]
-        self._pending, self._signs, self._leave_zero = None, None, None
+        names = [n for n, _ in live]
+        params: list[Tensor] = [p for _, p in live]
+        local = [_dist.local_tensor(p) for p in params]  # FSDP2: this rank's slices (views)
+        grads: list[Tensor] = [_dist.local_tensor(p.grad) for p in params]  # type: ignore[arg-type]
+        if self._needs_lr:
+            self._lrs(names, params, who)  # fail now, not after the optimizer's step
+        step = self.num_steps
+        strength = self.strength * self._ramp(step)
+        ratio_stats: dict[str, float] = {}
+        if self.criterion == "ratio":
+            ratio_stats = self._ratio_gate(grads, local, params)
+        active = self._started(step) and bool(self._state["is_active"]) and strength > 0
+        if self.criterion == "always":
+            active = self._started(step) and strength > 0
+        before = sum_over_tensors(dots(grads, local), params)
+        pending = Pending(names, params, before, active, strength, ratio_stats=ratio_stats)
+        if active and (self.kind == "l2" or self.l1_mode == "subgradient"):
+            pending.added = self._add_to_grad_(grads, local, strength, pending)
+        self._pending = pending
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Finish the step after ``optimizer.step()``: measure the optimizer's progress and
+        the regulariser's cost, apply the proximal L1 step or the subgradient truncation if
+        the regulariser is on, and decide whether it is on at the next step.
+
+        Raises:
+            RuntimeError: no :meth:`step` came before (nothing changes).
+        """
+        who = f"{_WHO}.after_step"
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError(f"{who}: called without step(); call step() first (or attach())")
+        step = self.num_steps
+        local = [_dist.local_tensor(p) for p in pending.params]
+        grads: list[Tensor] = [_dist.local_tensor(p.grad) for p in pending.params]  # type: ignore[arg-type]
+        known = self._needs_lr or self.optimizer is not None or self.lr is not None
+        lrs = self._lrs(pending.names, pending.params, who) if known else []
+        added = pending.added
+        after = dots(grads, local)
+        if added is not None:  # <g_loss, w> = <g_loss + added, w> - <added, w>
+            after = after - dots(added, local)
+        strength = pending.strength if pending.active else self.strength * self._ramp(step)
+        loss_grads = grads if added is None else list(torch._foreach_sub(grads, added))
+        thresholds = [lr * strength for lr in lrs]
+        cost = (
+            first_order_cost(loss_grads, local, thresholds, self.kind)
+            if lrs
+            else after.new_zeros(1)
+        )
+        sums = [
+            pending.before,
+            sum_over_tensors(after, pending.params),
+            sum_over_tensors(cost, pending.params),
+        ]
+        stats = torch.stack(sums).tolist()  # the one host sync of the step
+        before_sum, after_sum, cost_sum = stats
+        if not all(math.isfinite(v) for v in stats):
+            self._skip(step, who)
+            return
+        progress = before_sum - after_sum
+        if added is not None and pending.active:
+            progress += cost_sum  # the optimizer's step also carried the regulariser's pull
+        if pending.active and self.kind == "l1" and self.l1_mode == "prox":
+            by_lr: dict[float, list[Tensor]] = {}
+            for p, lr in zip(local, lrs, strict=True):
+                by_lr.setdefault(lr * pending.strength, []).append(p)
+            for threshold, tensors in by_lr.items():
+                soft_threshold_(tensors, threshold)
+        elif pending.active and pending.signs is not None and pending.leave_zero is not None:
+            truncate_(local, pending.signs, pending.leave_zero)
+        self._update(step, progress, cost_sum, pending)
+
+    def _skip(self, step: int, who: str) -> None:
+        self._state["num_steps"] = step + 1
+        self._state["num_skipped"] += 1
+        self.history.append({"step": step, "active": False, "skipped": True})
+        if self.scaler is None:
+            warnings.warn(
+                f"{who}: the loss gradient or a regularised weight is not finite at step {step}; "
+                "the regulariser skipped this step and kept its state (pass `scaler=` to skip "
+                "a GradScaler's inf steps silently)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _update(self, step: int, progress: float, cost: float, pending: Pending) -> None:
+        s = self._state
+        beta = self.smoothing
+        if s["progress_ema"] is None:
+            s["progress_ema"], s["cost_ema"] = progress, cost
+        else:
+            s["progress_ema"] = beta * s["progress_ema"] + (1 - beta) * progress
+            s["cost_ema"] = beta * s["cost_ema"] + (1 - beta) * cost
+        was_on = self.is_active
+        if self.warmup == "auto" and s["ramp_start"] is None and step >= self.delay:
+            self._wait_for_takeoff(step)
+        if self.criterion == "descent" and self._started(step):
+            if s["is_active"] and s["cost_ema"] > self.max_undo * s["progress_ema"]:
+                s["is_active"] = False
+            elif not s["is_active"] and s["cost_ema"] < self.resume_undo * s["progress_ema"]:
+                s["is_active"] = True
+        s["num_steps"] = step + 1
+        undo = cost / progress if progress else math.inf if cost > 0 else 0.0
+        self.history.append(
+            {
+                "step": step,
+                "active": pending.active,
+                "strength": pending.strength if pending.active else 0.0,
+                "progress": progress,
+                "cost": cost,
+                "undo": undo,
+                **pending.ratio_stats,
+            }
+        )
+        if self.is_active != was_on:
+            _log.info(
+                "CoherentStrongReg: regulariser %s after step %d (undo %.3g)",
+                "on" if self.is_active else "off",
+                step,
+                undo,
+            )
+
+    def _wait_for_takeoff(self, step: int) -> None:
+        """``warmup="auto"``: start the ramp once the optimizer's progress has grown
+        ``takeoff``-fold over its level after the first steps, or fallen to half its peak
+        (a problem learnt fast from the start, or a trained model being fine-tuned)."""
+        s = self._state
+        waited = step - self.delay + 1
+        if waited == _REFERENCE_STEPS:
+            s["reference_progress"] = s["peak_progress"] = s["progress_ema"]
+        reference, progress = s["reference_progress"], s["progress_ema"]
+        if reference is None or waited <= _REFERENCE_STEPS:
+            return
+        s["peak_progress"] = max(s["peak_progress"], progress)
+        grown = reference > 0 and progress >= self.takeoff * reference
+        if grown or progress <= 0.5 * s["peak_progress"]:
+            s["ramp_start"], s["ramp_length"] = step + 1, _RAMP_PER_WAIT * waited
+            s["is_active"] = True
+            _log.info("CoherentStrongReg: warm-up starts after step %d, ramp over %d steps",
+                      step, _RAMP_PER_WAIT * waited)  # fmt: skip
+
+    # ------------------------------------------------------------------ the ratio rule
+    def _ratio_gate(
+        self, grads: list[Tensor], local: list[Tensor], params: list[Tensor]
+    ) -> dict[str, float]:
+        """The first default (norm ratio and cosine of g and r over all tensors), updated in
+        :meth:`step`; returns its measures for the history."""
+        measures = ratio_measures(grads, local, params, self.kind, self.strength)
+        cosine, ratio = measures["cosine"], measures["ratio"]
+        if math.isnan(cosine):
+            return measures  # a non-finite gradient: after_step() skips this step
+        s = self._state
+        if self._started(self.num_steps):
+            bad = (self.max_ratio is not None and ratio > self.max_ratio) or (
+                self.min_cosine is not None and cosine < self.min_cosine
+            )
+            if s["is_active"]:
+                s["streak"] = s["streak"] + 1 if bad else 0
+                if s["streak"] >= self.window:
+                    s["is_active"], s["streak"] = False, 0
+            elif self.reactivate:
+                s["streak"] = s["streak"] + 1 if not bad else 0
+                if s["streak"] >= self.window:
+                    s["is_active"], s["streak"] = True, 0
+        return measures
+
+    # ------------------------------------------------------------------ helpers
+    def _add_to_grad_(
+        self, grads: list[Tensor], local: list[Tensor], strength: float, pending: Pending
+    ) -> list[Tensor]:
+        """Add the regulariser's gradient to ``.grad``; returns what was added."""
+        original = [g.clone() for g in grads]
+        if self.kind == "l2":
+            torch._foreach_add_(grads, local, alpha=strength)
+        else:
+            pending.signs, pending.leave_zero = l1_subgradient_(grads, local, strength)
+        return list(torch._foreach_sub(grads, original))
 
     def __repr__(self) -> str:
         return (
             f"CoherentStrongReg(kind={self.kind!r}, strength={self.strength}, "
-            f"l1_mode={self.l1_mode!r}, tensors={len(self.params)}, active={self.is_active}, "
-            f"steps={self.num_steps})"
+            f"l1_mode={self.l1_mode!r}, criterion={self.criterion!r}, "
+            f"tensors={len(self.params)}, active={self.is_active}, steps={self.num_steps})"
         )
-
-
-@dataclass(frozen=True)
-class LayerSparsity:
-    """Zero count of one tensor in a :class:`CompressionReport`."""
-
-    name: str
-    numel: int
-    zeros: int
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / self.numel if self.numel else 0.0
-
-
-@dataclass(frozen=True)
-class CompressionReport:
-    """Per-tensor and total sparsity; ``str(report)`` is a table.
-
-    ``compression_ratio`` is dense parameters / non-zero parameters over the reported
-    tensors, as the paper defines it (``inf`` when every weight is zero).
-    """
-
-    layers: tuple[LayerSparsity, ...]
-    threshold: float
-
-    @property
-    def total(self) -> int:
-        return sum(layer.numel for layer in self.layers)
-
-    @property
-    def zeros(self) -> int:
-        return sum(layer.zeros for layer in self.layers)
-
-    @property
-    def nonzeros(self) -> int:
-        return self.total - self.zeros
-
-    @property
-    def sparsity(self) -> float:
-        return self.zeros / self.total if self.total else 0.0
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.total / self.nonzeros if self.nonzeros else math.inf
-
-    def __str__(self) -> str:
-        rows = [(x.name, str(x.numel), str(x.zeros), f"{x.sparsity:.2%}") for x in self.layers]
-        rows.append(("total", str(self.total), str(self.zeros), f"{self.sparsity:.2%}"))
-        head = ("tensor", "params", "zeros", "sparsity")
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-        line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()
-        out = [line, "-" * len(line)]
-        out += [
-            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-        ]
-        out.append(f"compression ratio (dense / non-zero): {self.compression_ratio:.2f}x")
-        return "\n".join(out)
-
-
-@torch.no_grad()
-def compression_report(
-    model: nn.Module | Iterable[tuple[str, Tensor]],
-    *,
-    threshold: float = 0.0,
-    weights_only: bool = True,
-) -> CompressionReport:
-    """Count zero (or ``|w| <= threshold``) weights per tensor and in total.
-
-    Paper: Park et al., https://arxiv.org/abs/1811.08056 (compression ratio = dense
-    parameters / non-zero parameters).
-
-    Args:
-        model: a module, or ``(name, tensor)`` pairs.
-        threshold: weights with ``|w| <= threshold`` count as zero; ``0.0`` counts exact zeros.
-        weights_only: report only tensors with at least 2 dims whose name does not end in
-            ``bias`` (the tensors :class:`CoherentStrongReg` regularises by default).
-
-    Returns:
-        A :class:`CompressionReport`; print it for a table.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> from torch_recal import compression_report
-        >>> layer = nn.Linear(4, 2)
-        >>> with torch.no_grad():
-        ...     layer.weight[:, :3] = 0.0
-        >>> report = compression_report(layer)
-        >>> report.zeros, report.total, report.compression_ratio
-        (6, 8, 4.0)
-    """
-    if not (_is_real(threshold) and threshold >= 0):
-        raise ValueError(
-            f"compression_report: `threshold` must be a non-negative float, got {threshold!r}"
-        )
-    if isinstance(model, nn.Module):
-        pairs: Iterable[tuple[str, Tensor]] = model.named_parameters()
-    elif isinstance(model, Tensor):
-        raise TypeError("compression_report: `model` must be a Module or (name, tensor) pairs")
-    else:
-        pairs = model
-    layers = []
-    for name, p in pairs:
-        if weights_only and not _is_weight(name, p):
-            continue
-        local = _dist.local_tensor(p.detach())  # FSDP2 / DTensor: count this rank's slice
-        nonzero_t = torch.count_nonzero(local.abs() > threshold).reshape(1)
-        if _dist.is_dtensor(p):  # ... and add the other slices' counts (a collective)
-            _dist.all_reduce_over_shards_(nonzero_t, p)
-        nonzero = int(nonzero_t.item())
-        layers.append(LayerSparsity(name, p.numel(), p.numel() - nonzero))
-    return CompressionReport(tuple(layers), float(threshold))

@@ -381,7 +381,9 @@ def response_calibration_residual(
 _REG_KINDS = ("l1", "l2")
 
 
-def coherence_statistics(grads: list[Tensor], weights: list[Tensor], kind: str = "l1") -> Tensor:
+def coherence_statistics(
+    grads: list[Tensor], weights: list[Tensor], kind: Literal["l1", "l2"] = "l1"
+) -> Tensor:
     """Fused reductions behind the coherence gate: ``<g, r>``, ``||g||^2`` and ``||r||^2``.
 
     ``g`` is the loss gradient and ``r`` the gradient of the regulariser at unit strength,
@@ -409,8 +411,15 @@ def coherence_statistics(grads: list[Tensor], weights: list[Tensor], kind: str =
         >>> dot, g2, r2
         (1.0, 28.0, 3.0)
     """
-    if kind not in _REG_KINDS:
-        raise ValueError(f"coherence_statistics: `kind` must be one of {_REG_KINDS}, got {kind!r}")
+    who = "coherence_statistics"
+    kind = check_choice(kind, "kind", _REG_KINDS, who=who)  # type: ignore[assignment]
+    for name, ts in (("grads", grads), ("weights", weights)):
+        if isinstance(ts, Tensor) or not isinstance(ts, (list, tuple)):
+            raise TypeError(f"{who}: `{name}` must be a list of tensors, got {type(ts).__name__}")
+        for i, t in enumerate(ts):
+            check_tensor(t, f"{name}[{i}]", who=who, floating=True)
+    if any(g.shape != w.shape for g, w in zip(grads, weights, strict=False)):
+        raise ValueError(f"{who}: `grads` and `weights` must have the same shapes, pairwise")
     if len(grads) != len(weights) or not grads:
         raise ValueError(
             "coherence_statistics: `grads` and `weights` must be non-empty lists of equal "
@@ -447,10 +456,12 @@ def soft_threshold_(tensors: list[Tensor], threshold: float) -> None:
         >>> int(torch.count_nonzero(w[0]))
         2
     """
-    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
-        raise ValueError(
-            f"soft_threshold_: `threshold` must be a non-negative finite float, got {threshold!r}"
-        )
+    who = "soft_threshold_"
+    threshold = check_real(threshold, "threshold", who=who, minimum=0)
+    if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{who}: `tensors` must be a list of tensors, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):  # all checked before any is changed
+        check_tensor(t, f"tensors[{i}]", who=who, floating=True)
     if not tensors or threshold == 0:
         return
     with torch.no_grad():
