@@ -58,7 +58,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
     settings = {
         "data": "Fashion-MNIST (IDX files); train subset drawn per seed from the 60,000 "
         "training images, test subset from the 10,000 test images",
-        "n_train": 256 if quick else 10_000,
+        "n_train": 256 if quick else 9_000,
         "n_test": 256 if quick else 10_000,
         "model": "torch_recal.models.resnet20(widths=(8, 16, 32), in_chans=1, num_classes=10)",
         "epochs": 1 if quick else 12,
@@ -179,7 +179,7 @@ def train_arm(ctx: Context) -> dict[str, Any]:
     )
     per_epoch = steps_per_epoch(len(y), s["batch_size"])
     total, warmup = s["epochs"] * per_epoch, s["warmup_epochs"] * per_epoch
-    losses, cpu = [], 0.0
+    losses, cpu, spread_curve = [], 0.0, []
     for epoch in range(s["epochs"]):
         aug_gen = generator(ctx.seed, 4, epoch)
 
@@ -198,6 +198,8 @@ def train_arm(ctx: Context) -> dict[str, Any]:
         )
         losses.append(stats.loss)
         cpu += stats.cpu_seconds
+        if arm == "calibrate":  # the premise's trajectory (cheap: one forward of the probe)
+            spread_curve.append(calibration_stats(model, probe)["mu_spread"])
     metrics: dict[str, Any] = {
         "test_acc": accuracy(model, tx, ty),
         "train_loss": losses[-1],
@@ -210,6 +212,7 @@ def train_arm(ctx: Context) -> dict[str, Any]:
         metrics.update({f"{k}_init": v for k, v in before.items()})  # type: ignore[union-attr]
         metrics.update(after)
         metrics.update(weight_moves(model, init))
+        metrics["mu_spread_curve"] = spread_curve
     return {"arms": {f"{STUDY}/{arm}": metrics}}
 
 
@@ -317,3 +320,24 @@ def describe(proto: dict[str, Any]) -> list[str]:
         f"The SE baseline is built in the protocol (reduction {s['se_reduction']}, PyTorch's "
         f"default init), as the authors'.",
     ]
+
+
+def extra_panels(result: dict[str, Any]) -> list:
+    """The premise over training: spread of the predicted mu across test images, per epoch."""
+
+    def draw(ax) -> None:
+        arm = f"{STUDY}/calibrate"
+        for rec in result["seeds"]:
+            m = rec["arms"].get(arm, {})
+            curve = m.get("mu_spread_curve")
+            if curve:
+                ax.plot([0, *range(1, len(curve) + 1)], [m["mu_spread_init"], *curve],
+                        marker="o", markersize=3, label=f"seed {rec['seed']}")  # fmt: skip
+        ax.axhline(SPREAD_THRESHOLD, color="tab:red", linestyle=":", label="premise threshold")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch (0 = initialisation)")
+        ax.set_ylabel("sd of predicted mu across images")
+        ax.set_title("has the calibration MLP learned?", fontsize=9)
+        ax.legend(fontsize=7)
+
+    return [draw]

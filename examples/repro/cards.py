@@ -273,8 +273,13 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             groups.append((study.get("title", study_name), unit, pairs))
     extras = module.extra_panels(result) if hasattr(module, "extra_panels") else []
     n_panels = len(groups) + len(extras)
-    fig, axes = plt.subplots(1, n_panels, figsize=(4.6 * n_panels, 3.8), squeeze=False)
-    for ax, (title, unit, pairs) in zip(axes[0], groups, strict=False):
+    rows = 2 if n_panels > 3 else 1
+    cols = math.ceil(n_panels / rows)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[n_panels:]:
+        ax.axis("off")
+    for ax, (title, unit, pairs) in zip(axes, groups, strict=False):
         k, _ = _scale(unit)
         for i, p in enumerate(pairs):
             ys = [d * k for d in p["diffs"]]
@@ -297,7 +302,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             "b - a" + (" (points)" if unit == "accuracy" else f" ({unit})" if unit else "")
         )
         ax.set_title(title, fontsize=9)
-    for ax, draw in zip(axes[0][len(groups) :], extras, strict=True):
+    for ax, draw in zip(axes[len(groups) : n_panels], extras, strict=True):
         draw(ax)
     fig.suptitle(f"{result['method']}: dots = seeds, squares = mean with 95 % interval", fontsize=9)
     fig.tight_layout()

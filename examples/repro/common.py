@@ -134,6 +134,7 @@ def _execute(
         "wall_seconds": time.perf_counter() - wall,
         "cpu_seconds": time.process_time() - cpu,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "finished_at": time.time(),
         "pid": os.getpid(),
     }
 
@@ -204,24 +205,20 @@ def run_method(
         f"[{name}] protocol {phash}: {len(tasks)} tasks, {len(done)} done, {len(todo)} to run "
         f"on {workers} process(es) of 1 thread"
     )
-    if todo:
-        _run_tasks(name, todo, done, proto, phash, parts_dir, cache_dir, data_dir, workers, log)
-    session_wall = time.perf_counter() - start_wall
     sessions_path = out / name / "sessions.json"
     sessions = json.loads(sessions_path.read_text()) if sessions_path.exists() else []
     sessions = [s for s in sessions if s.get("protocol_hash") == phash]
-    sessions.append(
-        {
-            "protocol_hash": phash,
-            "tasks_run": len(todo),
-            "wall_seconds": round(session_wall, 1),
-            "ended": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-    )
+    if todo:  # recorded before the run, so that an interrupted session still counts
+        sessions.append({"protocol_hash": phash, "started_at": time.time(), "wall_seconds": None,
+                         "tasks_run": len(todo)})  # fmt: skip
+        _write_json(sessions_path, sessions)
+        _run_tasks(name, todo, done, proto, phash, parts_dir, cache_dir, data_dir, workers, log)
+        sessions[-1]["wall_seconds"] = round(time.perf_counter() - start_wall, 1)
+    _close_interrupted(sessions, done)
     _write_json(sessions_path, sessions)
     result = assemble(name, module, proto, tasks, done, command=command, workers=workers)
-    result["wall_seconds"] = round(sum(s["wall_seconds"] for s in sessions if s["tasks_run"]), 1)
-    result["sessions"] = len([s for s in sessions if s["tasks_run"]])
+    result["wall_seconds"] = round(sum(s["wall_seconds"] for s in sessions), 1)
+    result["sessions"] = len(sessions)
     result["machine"]["load_average_start"] = load_start
     result["machine"]["load_average_end"] = _load_average()
     errors = validate(result)
@@ -236,6 +233,18 @@ def run_method(
         f"(wall {result['wall_seconds']:.0f} s over {result['sessions']} session(s))"
     )
     return result
+
+
+def _close_interrupted(sessions: list[dict[str, Any]], done: dict[str, dict[str, Any]]) -> None:
+    """An interrupted session lasted until the last part it finished (or counts 0 s)."""
+    for i, session in enumerate(sessions):
+        if session.get("wall_seconds") is not None:
+            continue
+        start = session["started_at"]
+        stop = sessions[i + 1]["started_at"] if i + 1 < len(sessions) else float("inf")
+        ends = [p["finished_at"] for p in done.values() if start <= p.get("finished_at", -1) < stop]
+        session["wall_seconds"] = round(max(ends) - start, 1) if ends else 0.0
+        session["interrupted"] = True
 
 
 def _run_tasks(

@@ -62,7 +62,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
         "60,000 training images; test subset from the 10,000 test images",
         "n_train": 256 if quick else 6_000,
         "n_val": 256 if quick else 2_000,
-        "n_test": 256 if quick else 10_000,
+        "n_test": 256 if quick else 5_000,
         "model": "torch_recal.models.resnet20(widths=(8, 16, 32), in_chans=1, num_classes=10)",
         "epochs": 2 if quick else 8,
         "batch_size": 128,
