@@ -11,7 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(
-    p for p in (ROOT / "examples").glob("*.py") if p.name not in {"data.py", "_common.py"}
+    p
+    for p in (ROOT / "examples").glob("*.py")
+    if p.name not in {"data.py", "_common.py", "reproduce.py"}  # reproduce: test_reproduce.py
 )
 
 
