@@ -153,6 +153,8 @@ def render(result: dict[str, Any], img: str | None = None) -> str:
                 ["paired difference (b - a)", "mean", "95 % interval", "seeds", "verdict"], rows
             )
             lines.append("")
+    if hasattr(module, "extra_tables"):
+        lines += module.extra_tables(result)
     lines += ["Premise checks (is the setting one where the method can work?):", ""]
     rows = [
         [
