@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 
-collect_ignore = [
+collect_ignore = ["tests/lightning_ddp_run.py"]  # a script that test_integrations_lightning runs
+collect_ignore += [
     path
     for path, module in (
         ("torch_recal/integrations/lightning.py", "lightning"),

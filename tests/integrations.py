@@ -93,3 +93,132 @@ def state_equal(a: object, b: object) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(state_equal(u, v) for u, v in zip(a, b, strict=True))
     return a == b
+
+
+def bad_rows(m: ModuleType) -> list:
+    """Bad-call rows (tests/badcalls.py) for the callbacks shared by both integration modules
+    ``m`` (``torch_recal.integrations.lightning`` or ``.transformers``)."""
+    from tests.badcalls import Bad
+
+    rifle, layers, refit = m.RifleCallback, m.RandomLayerCallback, m.DenseRefitCallback
+    calib, ggr = m.CalibrateCallback, m.GGRCallback
+    state = {"num_refits": 1, "last_epoch": 0, "last_step": 3}
+    rows = [
+        Bad("RifleCallback", lambda _: rifle(num_resets="1"), TypeError, "`num_resets`"),
+        Bad("RifleCallback", lambda _: rifle(num_resets=-1), ValueError, "`num_resets`"),
+        Bad("RifleCallback", lambda _: rifle(period=0), ValueError, "`period`"),
+        Bad(
+            "RifleCallback",
+            lambda _: rifle(num_resets=1, period=2),
+            ValueError,
+            "`period`",
+            id="RifleCallback-both",
+        ),
+        Bad("RifleCallback", lambda _: rifle(head=3), TypeError, "`head`"),
+        Bad("RifleCallback", lambda _: rifle(head=[]), ValueError, "`head`"),
+        Bad("RifleCallback", lambda _: rifle(total_epochs=0), ValueError, "`total_epochs`"),
+        Bad("RifleCallback", lambda _: rifle(unit="batch"), ValueError, "`unit`"),
+        Bad("RifleCallback", lambda _: rifle(init=3), TypeError, "`init`"),
+        Bad(
+            "RifleCallback",
+            lambda _: rifle(reset_optimizer_state="yes"),
+            TypeError,
+            "`reset_optimizer_state`",
+        ),
+        Bad("RifleCallback", lambda _: rifle(seed=-1), ValueError, "`seed`"),
+        Bad(
+            "RifleCallback",
+            lambda _: rifle(min_epochs_after_last=0),
+            ValueError,
+            "`min_epochs_after_last`",
+        ),
+        Bad(
+            "RifleCallback.load_state_dict",
+            lambda c: c.load_state_dict(5),
+            TypeError,
+            "`state_dict`",
+            make=lambda: rifle(num_resets=1),
+        ),
+        Bad("RandomLayerCallback", lambda _: layers("net.conv2"), TypeError, "`layers`"),
+        Bad("RandomLayerCallback", lambda _: layers([]), ValueError, "`layers`"),
+        Bad("RandomLayerCallback", lambda _: layers([3]), TypeError, "`layers`", id="item"),
+        Bad(
+            "RandomLayerCallback",
+            lambda _: layers(["a"], min_trainable=-1),
+            ValueError,
+            "`min_trainable`",
+        ),
+        Bad("RandomLayerCallback", lambda _: layers(["a"], seed="0"), TypeError, "`seed`"),
+        Bad(
+            "RandomLayerCallback", lambda _: layers(["a"], schedule=[1.5]), ValueError, "`schedule"
+        ),
+        Bad(
+            "RandomLayerCallback",
+            lambda _: layers(["a"], restore_at_end=1),
+            TypeError,
+            "`restore_at_end`",
+        ),
+        Bad(
+            "RandomLayerCallback.load_state_dict",
+            lambda c: c.load_state_dict([1]),
+            TypeError,
+            "`state_dict`",
+            make=lambda: layers(["a"]),
+        ),
+        Bad("DenseRefitCallback", lambda _: refit(layer=3), TypeError, "`layer`"),
+        Bad(
+            "DenseRefitCallback", lambda _: refit(every_n_epochs=0), ValueError, "`every_n_epochs`"
+        ),
+        Bad(
+            "DenseRefitCallback",
+            lambda _: refit(at_end=False),
+            ValueError,
+            "`every_n_epochs`",
+            id="never",
+        ),
+        Bad("DenseRefitCallback", lambda _: refit(at_end="no"), TypeError, "`at_end`"),
+        Bad("DenseRefitCallback", lambda _: refit(loader=3), TypeError, "`loader`"),
+        Bad("DenseRefitCallback", lambda _: refit(batch_fn=3), TypeError, "`batch_fn`"),
+        Bad("DenseRefitCallback", lambda _: refit(ridge=-1.0), ValueError, "`ridge`"),
+        Bad("DenseRefitCallback", lambda _: refit(targets="hot"), ValueError, "`targets`"),
+        Bad("DenseRefitCallback", lambda _: refit(num_classes=0), ValueError, "`num_classes`"),
+        Bad("DenseRefitCallback", lambda _: refit(step_size=2.0), ValueError, "`step_size`"),
+        Bad("DenseRefitCallback", lambda _: refit(start="now"), ValueError, "`start`"),
+        Bad("DenseRefitCallback", lambda _: refit(evaluate="x"), TypeError, "`evaluate`"),
+        Bad(
+            "DenseRefitCallback.load_state_dict",
+            lambda c: c.load_state_dict({**state, "num_refits": -1}),
+            ValueError,
+            "`num_refits`",
+            make=refit,
+        ),
+        Bad(
+            "DenseRefitCallback.load_state_dict",
+            lambda c: c.load_state_dict({**state, "last_step": "3"}),
+            TypeError,
+            "`last_step`",
+            make=refit,
+        ),
+        Bad(
+            "DenseRefitCallback.load_state_dict",
+            lambda c: c.load_state_dict({**state, "last_step": -1}),
+            ValueError,
+            "`last_step`",
+            make=refit,
+            id="inconsistent",
+        ),
+        Bad(
+            "DenseRefitCallback.load_state_dict",
+            lambda c: c.load_state_dict({"num_refits": 1}),
+            ValueError,
+            "last_epoch",
+            make=refit,
+            id="partial",
+        ),
+        Bad("CalibrateCallback", lambda _: calib(reduction=0), ValueError, "`reduction`"),
+        Bad("CalibrateCallback", lambda _: calib(reduction="4"), TypeError, "`reduction`"),
+        Bad("CalibrateCallback", lambda _: calib(targets="bn1"), TypeError, "`targets`"),
+        Bad("CalibrateCallback", lambda _: calib(eps_typo=1.0), TypeError, "`eps_typo`"),
+        Bad("GGRCallback", lambda _: ggr(None), TypeError, "`ggr`"),
+    ]
+    return [r.param() for r in rows]

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.badcalls import run_bad_call
 from tests.integrations import (
     ROOT,
     TinyNet,
+    bad_rows,
     docs_blocks,
     need,
     reference,
@@ -40,6 +42,7 @@ from torch_recal import (  # noqa: E402
     is_calibrated,
     pinv_refit_dense,
 )
+from torch_recal.integrations import lightning as integration  # noqa: E402
 from torch_recal.integrations.lightning import (  # noqa: E402
     CalibrateCallback,
     DenseRefitCallback,
@@ -281,27 +284,16 @@ def test_bf16_autocast_fit_with_ggr_gives_finite_weights():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_callbacks_reject_bad_arguments():
-    with pytest.raises(TypeError, match="`num_resets`"):
-        RifleCallback(num_resets="1")
-    with pytest.raises(ValueError, match="`num_resets` and `period`"):
-        RifleCallback(num_resets=1, period=2)
-    with pytest.raises(ValueError, match="`unit`"):
-        RifleCallback(unit="batch")
-    with pytest.raises(TypeError, match="`layers`"):
-        RandomLayerCallback("net.conv2")
-    with pytest.raises(ValueError, match="`schedule"):
-        RandomLayerCallback(["a"], schedule=[1.5])
-    with pytest.raises(ValueError, match="`every_n_epochs`"):
-        DenseRefitCallback(every_n_epochs=None, at_end=False)
-    with pytest.raises(TypeError, match="`ggr`"):
-        GGRCallback(None)
-    with pytest.raises(TypeError, match="`eps_typo`"):
-        CalibrateCallback(eps_typo=1.0)
+@pytest.mark.parametrize("case", bad_rows(integration))
+def test_bad_call_raises_names_the_argument_and_changes_nothing(case):
+    run_bad_call(case)
+
+
+def test_a_bad_saved_state_is_refused_when_the_piece_is_built():
     rifle = RifleCallback(num_resets=1)
     rifle.load_state_dict({"num_steps": -1, "last_reset": None, "schedule": [0],
                            "total_epochs": 2, "unit": "epoch", "seed": None})  # fmt: skip
-    with pytest.raises(ValueError, match="`num_steps`"):  # checked when the piece is built
+    with pytest.raises(ValueError, match="`num_steps`"):
         trainer(callbacks=[rifle], max_epochs=2).fit(LitNet(), loader())
 
 

@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tests.integrations import TinyNet, docs_blocks, need, reference, state_equal, tiny_data
+from tests.badcalls import run_bad_call
+from tests.integrations import (
+    TinyNet,
+    bad_rows,
+    docs_blocks,
+    need,
+    reference,
+    state_equal,
+    tiny_data,
+)
 
 transformers = need("transformers")
 need("accelerate")
@@ -31,6 +40,7 @@ from torch_recal import (  # noqa: E402
     is_calibrated,
     pinv_refit_dense,
 )
+from torch_recal.integrations import transformers as integration  # noqa: E402
 from torch_recal.integrations.transformers import (  # noqa: E402
     CalibrateCallback,
     DenseRefitCallback,
@@ -284,16 +294,15 @@ def test_plain_trainer_subclass_recipe_matches_ggr_trainer(tmp_path):
     assert_same_weights(mine.model, ours.model)
 
 
-def test_callbacks_reject_bad_arguments():
-    with pytest.raises(TypeError, match="`num_resets`"):
-        RifleCallback(num_resets=1.0)
-    with pytest.raises(TypeError, match="`layers`"):
-        RandomLayerCallback(3)
-    with pytest.raises(ValueError, match="`ridge`"):
-        DenseRefitCallback(ridge=-1.0)
+@pytest.mark.parametrize("case", bad_rows(integration))
+def test_bad_call_raises_names_the_argument_and_changes_nothing(case):
+    run_bad_call(case)
+
+
+def test_hugging_face_only_arguments_are_checked():
+    target = torch.zeros(2, requires_grad=True)
     with pytest.raises(TypeError, match="`input_key`"):
-        GGRCallback(GenerativeGradientLoss(torch.zeros(2, requires_grad=True), torch.ones(2)),
-                    input_key=3)  # fmt: skip
+        GGRCallback(GenerativeGradientLoss(target, torch.ones(2)), input_key=3)
     with pytest.raises(TypeError, match="`ggr`"):
         GGRTrainer(ggr="no")
 

@@ -388,8 +388,15 @@ class RefitDriver:
             )
         self.loader = None if loader is None else check_loader(loader, who=who)
         self.batch_fn = check_batch_fn(batch_fn, who=who)
-        kwargs = dict(refit_kwargs)
+        kwargs = dict(refit_kwargs)  # checked now, not in the middle of training
         kwargs["ridge"] = check_real(kwargs["ridge"], "ridge", who=who, minimum=0)
+        kwargs["targets"] = check_choice(kwargs["targets"], "targets", ("onehot", "bipolar", "raw"),
+                                         who=who)  # fmt: skip
+        kwargs["num_classes"] = check_optional_int(kwargs["num_classes"], "num_classes", who=who,
+                                                   minimum=1)  # fmt: skip
+        kwargs["step_size"] = check_real(kwargs["step_size"], "step_size", who=who, minimum=0,
+                                         maximum=1, open_low=True)  # fmt: skip
+        kwargs["start"] = check_choice(kwargs["start"], "start", ("zero", "current"), who=who)
         kwargs["evaluate"] = check_flag(kwargs["evaluate"], "evaluate", who=who)
         self.refit_kwargs = kwargs
         self.num_refits = 0

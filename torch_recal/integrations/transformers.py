@@ -96,6 +96,17 @@ class _Stateful(TrainerCallback, ExportableState):  # type: ignore[misc]
     def _state(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _load(self, state: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The piece's state as plain data (what the checkpoints hold, before JSON)."""
+        return self._state()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict` (kept until the piece is built in ``on_train_begin``)."""
+        self._load(state_dict)
+
     @override
     def state(self) -> dict[str, Any]:
         return {"args": {}, "attributes": {_KEY: to_json(self._state())}}
@@ -236,6 +247,9 @@ class RifleCallback(_Stateful):
     def _state(self) -> dict[str, Any]:
         return self._driver.state_dict()
 
+    def _load(self, state: Mapping[str, Any]) -> None:
+        self._driver.load_state_dict(state)
+
     @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         saved = self._saved(args, state)
@@ -306,6 +320,9 @@ class RandomLayerCallback(_Stateful):
 
     def _state(self) -> dict[str, Any]:
         return self._driver.state_dict()
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        self._driver.load_state_dict(state)
 
     @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -383,6 +400,9 @@ class DenseRefitCallback(_Stateful):
     def _state(self) -> dict[str, Any]:
         return self._driver.state_dict()
 
+    def _load(self, state: Mapping[str, Any]) -> None:
+        self._driver.load_state_dict(state)
+
     @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         saved = self._saved(args, state)
@@ -459,6 +479,11 @@ class GGRCallback(_Stateful):
 
     def _state(self) -> dict[str, Any]:
         return self._driver.ggr.state_dict()
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        check_instance(state, "state_dict", Mapping, who="GGRCallback.load_state_dict",
+                       what="a dict")  # fmt: skip
+        self._driver.ggr.load_state_dict(dict(state))
 
     @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
