@@ -256,6 +256,15 @@ def test_rifle_step_unit_counts_optimizer_steps_with_accumulation():
     assert rifle.scheduler.num_steps == 2 and rifle.scheduler.last_reset == 0
 
 
+def test_rifle_reset_optimizer_state_finds_the_trainers_optimizer():
+    model = LitNet()
+    rifle = RifleCallback(num_resets=1, seed=0, reset_optimizer_state=True)
+    fit = trainer(callbacks=[rifle], max_epochs=2)
+    fit.fit(model, loader())
+    assert rifle.scheduler.optimizer is fit.optimizers[0]
+    assert rifle.scheduler.last_reset == 0
+
+
 def test_refit_at_end_of_a_fit_cut_short_by_max_steps():
     model = LitNet()
     refit = DenseRefitCallback(ridge=1e-2)

@@ -305,6 +305,9 @@ def test_hugging_face_only_arguments_are_checked():
         GGRCallback(GenerativeGradientLoss(target, torch.ones(2)), input_key=3)
     with pytest.raises(TypeError, match="`ggr`"):
         GGRTrainer(ggr="no")
+    callback = GGRCallback(GenerativeGradientLoss(target, torch.ones(2)), input_key="images")
+    with pytest.raises(ValueError, match="`input_key`='images'"):
+        callback.term(target.sum(), {"pixel_values": torch.ones(1, 2)})
 
 
 @pytest.mark.parametrize("code", docs_blocks("transformers"))

@@ -471,11 +471,21 @@ class GGRCallback(_Stateful):
         """The loss."""
         return self._driver.ggr
 
+    def input_of(self, inputs: Mapping[str, Any] | Tensor) -> Tensor:
+        """The term's input: ``inputs[input_key]`` of a dict batch, or the tensor itself."""
+        if not isinstance(inputs, Mapping):
+            return inputs
+        if self.input_key not in inputs:
+            raise ValueError(
+                f"GGRCallback: the batch has no `input_key`={self.input_key!r} (its keys: "
+                f"{sorted(map(str, inputs))}); pass GGRCallback(ggr, input_key=...)"
+            )
+        return inputs[self.input_key]  # type: ignore[no-any-return]
+
     def term(self, loss: Tensor, inputs: Mapping[str, Any] | Tensor, scaler: Any = None) -> Tensor:
         """The term to add to ``loss`` (unscaled) for the batch ``inputs`` (a dict or tensor);
         ``scaler``: the ``Trainer``'s ``accelerator.scaler`` (``fp16=True``), or ``None``."""
-        x = inputs[self.input_key] if isinstance(inputs, Mapping) else inputs
-        return self._driver.term(loss, x, scaler)
+        return self._driver.term(loss, self.input_of(inputs), scaler)
 
     def _state(self) -> dict[str, Any]:
         return self._driver.ggr.state_dict()
@@ -524,7 +534,7 @@ class GGRTrainer(Trainer):  # type: ignore[misc]
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        x = inputs[self.ggr_callback.input_key]
+        x = self.ggr_callback.input_of(inputs)  # before the Trainer may pop keys
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
