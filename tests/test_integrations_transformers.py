@@ -1,0 +1,316 @@
+"""Hugging Face ``Trainer`` callbacks (torch_recal.integrations.transformers), real ``Trainer``.
+
+References: the same pieces driven by hand in a plain loop (train), and an uninterrupted run
+(resume from a checkpoint, also from inside an epoch and from the last step of an epoch).
+Skipped without the ``[hf]`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tests.badcalls import run_bad_call
+from tests.integrations import (
+    TinyNet,
+    bad_rows,
+    docs_blocks,
+    need,
+    reference,
+    state_equal,
+    tiny_data,
+)
+
+transformers = need("transformers")
+need("accelerate")
+
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from torch_recal import (  # noqa: E402
+    GenerativeGradientLoss,
+    RandomLayerTraining,
+    RifleScheduler,
+    calibrate,
+    is_calibrated,
+    pinv_refit_dense,
+)
+from torch_recal.integrations import transformers as integration  # noqa: E402
+from torch_recal.integrations.transformers import (  # noqa: E402
+    CalibrateCallback,
+    DenseRefitCallback,
+    GGRCallback,
+    GGRTrainer,
+    RandomLayerCallback,
+    RifleCallback,
+)
+
+EPOCHS = 4
+LR = 0.05
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+class Images(Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = tiny_data()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+class HFNet(nn.Module):
+    """A Hugging Face style model: keyword inputs, a dict with ``loss`` and ``logits``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = TinyNet()
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.net(pixel_values)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+class Seed(TrainerCallback):
+    """Seeds the global RNG right before the calibration layers are made."""
+
+    def on_init_end(self, args, state, control, **kwargs):
+        torch.manual_seed(1)
+
+
+def arguments(tmp_path, **kwargs) -> TrainingArguments:
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=16,
+                   num_train_epochs=EPOCHS, learning_rate=LR, lr_scheduler_type="constant",
+                   weight_decay=0.0, max_grad_norm=0.0, seed=0, report_to="none",
+                   save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
+                   train_sampling_strategy="sequential", dataloader_num_workers=0)  # fmt: skip
+    options.update(kwargs)
+    return TrainingArguments(**options)
+
+
+def callbacks() -> list:
+    return [
+        Seed(),
+        CalibrateCallback(targets=["net.bn1"]),
+        RifleCallback(num_resets=1, seed=0),
+        RandomLayerCallback(["net.bn1", "net.conv2"], seed=1, schedule=[1.0, 0.5, 0.5, 0.5]),
+        DenseRefitCallback(every_n_epochs=3, ridge=1e-2),
+    ]
+
+
+def make_trainer(tmp_path, cbs=None, **kwargs) -> GGRTrainer:
+    model = HFNet()
+    ggr = GGRCallback(GenerativeGradientLoss(model.net.conv1.weight, reference, weight=0.1,
+                                             ema=0.5))  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    return GGRTrainer(model=model, args=arguments(tmp_path, **kwargs), train_dataset=Images(),
+                      callbacks=callbacks() if cbs is None else cbs, optimizers=(opt, None),
+                      ggr=ggr)  # fmt: skip
+
+
+def plain_loop() -> tuple[nn.Module, dict]:
+    """The same run by hand with the library's pieces (the reference)."""
+    model = HFNet()
+    net = model.net
+    ggr = GenerativeGradientLoss(net.conv1.weight, reference, weight=0.1, ema=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    torch.manual_seed(1)
+    calibrate(model, targets=["net.bn1"], optimizer=opt)
+    rifle = RifleScheduler(net, total_epochs=EPOCHS, num_resets=1, seed=0)
+    rlt = RandomLayerTraining([net.bn1, net.conv2], seed=1, schedule=[1.0, 0.5, 0.5, 0.5])
+    x, y = tiny_data()
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, len(y), 16)]
+    refits = 0
+    for epoch in range(EPOCHS):
+        model.train()
+        for xb, yb in batches:
+            loss = model(xb, yb)["loss"]
+            loss = loss + ggr(loss, xb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        rifle.step()
+        rlt.step()
+        if (epoch + 1) % 3 == 0 or epoch == EPOCHS - 1:
+            pinv_refit_dense(net.fc, batches, model=net, ridge=1e-2, evaluate=False)
+            refits += 1
+    rlt.restore()
+    return model, {"rifle": rifle.state_dict(), "rlt": rlt.state_dict(),
+                   "ggr": ggr.state_dict(), "refits": refits}  # fmt: skip
+
+
+def states_of(trainer: GGRTrainer) -> dict:
+    by_type = {type(c): c for c in trainer.callback_handler.callbacks}
+    return {
+        "rifle": by_type[RifleCallback].scheduler.state_dict(),
+        "rlt": by_type[RandomLayerCallback].layer_training.state_dict(),
+        "ggr": trainer.ggr_callback.ggr.state_dict(),
+        "refits": by_type[DenseRefitCallback].num_refits,
+    }
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def assert_same_states(a: dict, b: dict) -> None:
+    assert state_equal(a["rifle"], b["rifle"]) and state_equal(a["rlt"], b["rlt"])
+    assert a["refits"] == b["refits"]
+    assert a["ggr"]["num_steps"] == b["ggr"]["num_steps"]
+    torch.testing.assert_close(a["ggr"]["reference_ema"], b["ggr"]["reference_ema"])
+
+
+def test_train_with_every_callback_equals_the_plain_loop(tmp_path):
+    expected, expected_states = plain_loop()
+    trainer = make_trainer(tmp_path)
+    trainer.train()
+    assert is_calibrated(trainer.model)
+    assert_same_weights(trainer.model, expected)
+    states = states_of(trainer)
+    assert states["rifle"]["last_reset"] == 1 and states["refits"] == 2
+    assert states["ggr"]["num_steps"] == 3 * EPOCHS
+    assert_same_states(states, expected_states)
+    assert all(p.requires_grad for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("step", [3, 7])
+def test_resume_equals_the_uninterrupted_run(tmp_path, step):
+    # step 3: the last step of epoch 0, saved before on_epoch_end; step 7: inside epoch 2
+    full = make_trainer(tmp_path / "full", save_strategy="steps", save_steps=1)
+    full.train()
+    ckpt = tmp_path / "full" / f"checkpoint-{step}"
+    saved = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]
+    # saved before that step's epoch end: epochs completed *before* it
+    assert saved["RifleCallback"]["attributes"]["torch_recal_state"]["num_steps"] == (step - 1) // 3
+    assert saved["GGRCallback"]["attributes"]["torch_recal_state"]["num_steps"] == step
+
+    resumed = make_trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert_same_weights(resumed.model, full.model)
+    assert_same_states(states_of(resumed), states_of(full))
+
+
+def test_reference_average_survives_the_json_checkpoint_exactly(tmp_path):
+    full = make_trainer(tmp_path, cbs=[], save_strategy="steps", save_steps=2, num_train_epochs=1)
+    full.train()
+    text = (tmp_path / "checkpoint-2" / "trainer_state.json").read_text()
+    saved = json.loads(text)["stateful_callbacks"]["GGRCallback"]["attributes"]
+    from torch_recal.integrations._common import from_json
+
+    state = from_json(saved["torch_recal_state"])
+    # the average after two steps, recomputed by hand from the batches (ema = 0.5)
+    x, _ = tiny_data()
+    r0, r1 = reference(x[:16]), reference(x[16:32])
+    assert torch.equal(state["reference_ema"], r0 * 0.5 + r1 * (1 - 0.5))
+
+
+def test_restore_callback_states_flag_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="`restore_callback_states_from_checkpoint`"):
+        make_trainer(tmp_path, restore_callback_states_from_checkpoint=True)
+
+
+def test_calibrate_callback_added_too_late_raises(tmp_path):
+    trainer = make_trainer(tmp_path, cbs=[], num_train_epochs=1)
+    trainer.add_callback(CalibrateCallback(targets=["net.bn1"]))
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        trainer.train()
+
+
+def test_ggr_term_is_not_added_in_evaluation(tmp_path):
+    trainer = make_trainer(tmp_path, cbs=[], num_train_epochs=1)
+    metrics = trainer.evaluate(Images())
+    assert trainer.ggr_callback.ggr.num_steps == 0 and "eval_loss" in metrics
+
+
+def test_refit_runs_on_dict_batches_of_the_train_dataloader(tmp_path):
+    refit = DenseRefitCallback("net.fc", every_n_epochs=1, ridge=1e-2, evaluate=True)
+    trainer = make_trainer(tmp_path, cbs=[refit], num_train_epochs=1)
+    trainer.train()
+    assert refit.num_refits == 1 and refit.last_result.num_samples == 48
+    expected = HFNet()
+    expected.load_state_dict(trainer.model.state_dict())
+    loader = DataLoader(Images(), batch_size=16)
+    pinv_refit_dense(
+        expected.net.fc,
+        loader,
+        model=expected,
+        ridge=1e-2,
+        evaluate=False,
+        batch_fn=lambda b: ({"pixel_values": b["pixel_values"]}, b["labels"]),
+    )
+    torch.testing.assert_close(trainer.model.net.fc.weight, expected.net.fc.weight)
+
+
+def test_bf16_autocast_train_with_ggr_gives_finite_weights(tmp_path):
+    trainer = make_trainer(tmp_path, cbs=[], num_train_epochs=1, bf16=True)
+    trainer.train()
+    assert trainer.ggr_callback.ggr.num_steps == 3
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_plain_trainer_subclass_recipe_matches_ggr_trainer(tmp_path):
+    class MyTrainer(Trainer):
+        def __init__(self, *args, ggr, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.ggr = ggr
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            x = inputs["pixel_values"]
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)  # fmt: skip
+            if model.training:
+                loss = loss + self.ggr.term(loss, x, self.accelerator.scaler)
+            return (loss, outputs) if return_outputs else loss
+
+    ours = make_trainer(tmp_path / "a", cbs=[], num_train_epochs=1)
+    ours.train()
+    model = HFNet()
+    ggr = GGRCallback(GenerativeGradientLoss(model.net.conv1.weight, reference, weight=0.1,
+                                             ema=0.5))  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    mine = MyTrainer(
+        model=model,
+        args=arguments(tmp_path / "b", num_train_epochs=1),
+        train_dataset=Images(),
+        callbacks=[ggr],
+        optimizers=(opt, None),
+        ggr=ggr,
+    )
+    mine.train()
+    assert_same_weights(mine.model, ours.model)
+
+
+@pytest.mark.parametrize("case", bad_rows(integration))
+def test_bad_call_raises_names_the_argument_and_changes_nothing(case):
+    run_bad_call(case)
+
+
+def test_hugging_face_only_arguments_are_checked():
+    target = torch.zeros(2, requires_grad=True)
+    with pytest.raises(TypeError, match="`input_key`"):
+        GGRCallback(GenerativeGradientLoss(target, torch.ones(2)), input_key=3)
+    with pytest.raises(TypeError, match="`ggr`"):
+        GGRTrainer(ggr="no")
+    callback = GGRCallback(GenerativeGradientLoss(target, torch.ones(2)), input_key="images")
+    with pytest.raises(ValueError, match="`input_key`='images'"):
+        callback.term(target.sum(), {"pixel_values": torch.ones(1, 2)})
+
+
+@pytest.mark.parametrize("code", docs_blocks("transformers"))
+def test_docs_hugging_face_snippet_runs(code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/integrations.md", "exec"), {"__name__": "__snippet__"})
