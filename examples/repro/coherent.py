@@ -46,7 +46,7 @@ from repro.train import train_epoch as _train_epoch
 from torch_recal import CoherentStrongReg, compression_report
 
 CARD = "coherent.md"
-PROX_GRID = (1e-3, 3e-3, 6e-3, 1e-2, 3e-2, 1e-1)
+PROX_GRID = (3e-3, 4.5e-3, 6e-3, 1e-2, 3e-2, 1e-1)
 SUB_GRID = tuple(round(s / 10, 12) for s in PROX_GRID)
 METHODS = {  # name: (label, grid, CoherentStrongReg options; None: no regulariser)
     "none": ("no regulariser", (0.0,), None),
@@ -197,6 +197,7 @@ def _one_run(
 ) -> dict[str, Any]:
     s = ctx.proto["settings"]
     x, y, vx, vy, tx, ty = data
+    torch.set_flush_denormal(True)  # collapsed runs: tiny weights would run at denormal speed
     seed_torch(ctx.seed, 0, 1 if model_name == "cnn" else 0)  # the same init for every run
     model = make_model(model_name)
     opt = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"])
