@@ -409,3 +409,89 @@ def test_calibrated_model_keeps_the_official_calibration_init():
     biases = [fc.bias for m in model.modules() if isinstance(m, ResponseCalibration)
               for fc in (m.fc1, m.fc_mu, m.fc_logvar)]  # fmt: skip
     assert all(torch.all(b == 0) for b in biases)
+
+
+# ------------------------------------------------ class swaps of a calibrated norm (SyncBN)
+
+
+class _TorchvisionLikeBlock(nn.Module):
+    """torchvision's BasicBlock as far as calibrate() can tell: its own built-in policy
+    (keyed by module and class name) calibrates after `bn2`, with no torchvision import."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + x)
+
+
+_TorchvisionLikeBlock.__module__ = "torchvision.models.resnet"
+_TorchvisionLikeBlock.__name__ = _TorchvisionLikeBlock.__qualname__ = "BasicBlock"
+
+
+def _torchvision_like() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _TorchvisionLikeBlock(8),
+                         _TorchvisionLikeBlock(8), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+
+
+def _trained_like(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, as after training."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    return model.eval()
+
+
+# (how to build, calibrate's arguments, where the calibrated norms are)
+SWAP_CASES = [
+    pytest.param(_generic_cnn, {"targets": ["1"], "reduction": 2}, ["1"], id="targets"),
+    pytest.param(_generic_cnn, {"targets": lambda n, m: isinstance(m, nn.BatchNorm2d),
+                                "reduction": 2}, ["1"], id="predicate"),  # fmt: skip
+    pytest.param(_torchvision_like, {"reduction": 2}, ["1.bn2", "2.bn2"], id="torchvision-like"),
+]
+
+
+def _swap_setup(make, kwargs, where):
+    torch.manual_seed(0)
+    plain = _trained_like(make().double())
+    model = calibrate(copy.deepcopy(plain), **kwargs)
+    _randomise_calibrations(model, scale=0.1)
+    positions = {n: model.get_submodule(n).calibration for n in where}
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    return plain, model, positions, x
+
+
+@pytest.mark.parametrize(("make", "kwargs", "where"), SWAP_CASES)
+def test_sync_batchnorm_conversion_keeps_the_calibration(make, kwargs, where):
+    plain, model, positions, x = _swap_setup(make, kwargs, where)
+    state = model.state_dict()
+    with torch.no_grad():
+        before = model(x)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted is model and is_calibrated(model)
+    for name, layer in positions.items():
+        norm = model.get_submodule(name)
+        assert isinstance(norm, nn.SyncBatchNorm) and norm.calibration is layer
+    after_state = model.state_dict()
+    assert list(after_state) == list(state)
+    assert all(after_state[k] is v or torch.equal(after_state[k], v) for k, v in state.items())
+    # eval, single process: SyncBatchNorm computes what BatchNorm did, then the calibration
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out, before, rtol=0, atol=0)
+        reference = forward_with_reference_calibration(plain, x, positions)
+        torch.testing.assert_close(out, reference, rtol=1e-9, atol=1e-10)
+        assert not torch.allclose(out, plain(x))
+    # training mode runs too (no process group: no sync), through the calibration
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for layer in positions.values() for p in layer.parameters())
