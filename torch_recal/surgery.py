@@ -14,7 +14,7 @@ No forward hooks are used (they break ``torch.compile(fullgraph=True)`` and
   the original class still hold, and :func:`uncalibrate` restores the original class.
 
 A tool that rebuilds such a module as another class and hands it the old children
-(``nn.SyncBatchNorm.convert_sync_batchnorm``, Lightning's revert of it, timm's converters)
+(``nn.SyncBatchNorm.convert_sync_batchnorm``, Lightning's revert of it, timm's own)
 would leave the calibration as an inert child. The inserted layer is therefore marked, and a
 global *module-registration* hook (registered once per process, when the first calibrated
 class is made; it never runs during a forward pass) gives any module that is handed a marked
@@ -201,13 +201,15 @@ _REGISTRATION_HOOK: RemovableHandle | None = None
 
 
 def _calibrated_class(base: type[nn.Module]) -> type:
+    global _REGISTRATION_HOOK
+    if _REGISTRATION_HOOK is None:  # once per process, with the first calibrated class
+        _REGISTRATION_HOOK = register_module_module_registration_hook(_on_register)
     cls = _SUBCLASSES.get(base)
     if cls is None:
         name = f"Calibrated{base.__name__}"
         cls = type(name, (_CalibratedOutput, base), {"_recal_base": base, "__module__": __name__})
         cls.__qualname__ = name
         _SUBCLASSES[base] = cls
-    _follow_class_swaps()
     return cls
 
 
@@ -219,24 +221,11 @@ def _is_attached(module: object) -> bool:
     return isinstance(module, ResponseCalibration) and bool(module.__dict__.get(_AFTER, False))
 
 
-def _follow_class_swaps() -> None:
-    """Register, once per process, the hook that re-wraps a rebuilt calibrated module."""
-    global _REGISTRATION_HOOK
-    if _REGISTRATION_HOOK is None:
-        _REGISTRATION_HOOK = register_module_module_registration_hook(_on_register)
-
-
 def _on_register(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
-    """``module.add_module(name, submodule)`` (or ``setattr``) is about to happen.
-
-    Converters build the new module, then hand it the old one's children: when one of them
-    is a calibration inserted by :func:`calibrate`, the new module calibrates its output too.
-    """
-    if (
-        name == "calibration"
-        and _is_attached(submodule)
-        and not isinstance(module, _CalibratedOutput)
-    ):
+    """Before ``module.add_module(name, submodule)`` (or ``setattr``): a converter handing a
+    rebuilt module the old one's children gives it an inserted calibration to apply too."""
+    calibrated = isinstance(module, _CalibratedOutput)
+    if name == "calibration" and _is_attached(submodule) and not calibrated:
         module.__class__ = _calibrated_class(type(module))
 
 
@@ -364,7 +353,9 @@ def calibrate(
     calibrated. Existing ``state_dict`` keys are unchanged, so pretrained checkpoints still
     load (``strict=False`` reports only the new calibration keys as missing). Calling it
     twice changes nothing; :func:`uncalibrate` undoes it. Create the optimizer after
-    calling it, or pass ``optimizer=`` to add the new parameters as a param group.
+    calling it, or pass ``optimizer=`` to add the new parameters as a param group. A
+    calibrated norm stays calibrated when a converter rebuilds it and hands it its children
+    (``nn.SyncBatchNorm.convert_sync_batchnorm(model)``, before or after this call).
 
     Every edit is planned and checked before the first one is made: after an error the
     model and the optimizer are exactly as they were.
@@ -391,8 +382,9 @@ def calibrate(
         TypeError: an argument of the wrong type (``model``, ``optimizer``, ``targets`` or
             its entries, a layer option) or an unknown layer option.
         ValueError: nothing matched, an unknown or repeated target name, two blocks that
-            share the module to calibrate, a layer whose channels cannot be inferred, or a
-            bad layer option value.
+            share the module to calibrate, a module to calibrate after that has a
+            ``calibration`` attribute of its own, a layer whose channels cannot be inferred,
+            or a bad layer option value.
 
     Example:
         >>> import torch
