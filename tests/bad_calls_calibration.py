@@ -158,6 +158,10 @@ CASES += [
     # one norm under two names: the second edit would swap its class twice
     Bad("calibrate", lambda m: torch_recal.calibrate(m, targets=["0", "1"]), ValueError,
         "share", make=lambda: nn.Sequential(*[nn.BatchNorm2d(4)] * 2), id="calibrate-alias"),
+    # a target with a `calibration` of its own (this block's slot): it would be replaced
+    Bad("calibrate", lambda m: torch_recal.calibrate(m, targets=["layer1.1.bn1", "layer1.0"]),
+        ValueError, "`calibration`", make=lambda: resnet20(calibrated=True),
+        id="calibrate-own-calibration"),
     Bad("uncalibrate", lambda _: torch_recal.uncalibrate(None), TypeError, "`model`"),
     Bad("uncalibrate", lambda m: torch_recal.uncalibrate(m, inplace="no"), TypeError,
         "`inplace`", make=lambda: torch_recal.calibrate(resnet20())),

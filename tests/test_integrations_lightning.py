@@ -235,16 +235,35 @@ def test_checkpoint_holds_each_callbacks_state(tmp_path):
     assert saved["GGRCallback"]["num_steps"] == 6
 
 
-def test_sync_batchnorm_dropping_the_calibration_stops_the_fit():
-    # What Trainer(sync_batchnorm=True) does under DDP after setup (its _TorchSyncBatchNorm
-    # calls this converter): the calibrated norm becomes a plain SyncBatchNorm.
+def test_sync_batchnorm_conversion_and_its_revert_keep_the_calibration():
+    # What Trainer(sync_batchnorm=True) does under DDP (which needs GPUs for SyncBatchNorm):
+    # Lightning's own plugin converts the norms after setup and reverts them after the fit.
+    plugin = L.plugins.TorchSyncBatchNorm()
+    seen = []
+
     class Convert(L.Callback):
         def setup(self, trainer, pl_module, stage):
-            nn.SyncBatchNorm.convert_sync_batchnorm(pl_module)
+            plugin.apply(pl_module)
 
-    fit = trainer(callbacks=[CalibrateCallback(targets=["net.bn1"]), Convert()])
-    with pytest.raises(RuntimeError, match="sync_batchnorm"):
-        fit.fit(LitNet(), loader())
+        def on_train_start(self, trainer, pl_module):
+            seen.append(type(pl_module.net.bn1))
+
+        def on_fit_end(self, trainer, pl_module):
+            plugin.revert(pl_module)
+
+    model, reference = LitNet(), LitNet()
+    trainer(callbacks=[Seed(), CalibrateCallback(targets=["net.bn1"]), Convert()]).fit(
+        model, loader()
+    )
+    trainer(callbacks=[Seed(), CalibrateCallback(targets=["net.bn1"])]).fit(reference, loader())
+    assert issubclass(seen[0], nn.SyncBatchNorm) and is_calibrated(model)
+    assert type(model.net.bn1).__name__ == "Calibrated_BatchNormXd"  # Lightning's revert class
+    # one process: SyncBatchNorm trains as BatchNorm did, through the calibration
+    assert_same_weights(model.net, reference.net)
+    x, _ = tiny_data()
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
 
 
 def test_rifle_step_unit_counts_optimizer_steps_with_accumulation():

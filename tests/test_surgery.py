@@ -409,3 +409,209 @@ def test_calibrated_model_keeps_the_official_calibration_init():
     biases = [fc.bias for m in model.modules() if isinstance(m, ResponseCalibration)
               for fc in (m.fc1, m.fc_mu, m.fc_logvar)]  # fmt: skip
     assert all(torch.all(b == 0) for b in biases)
+
+
+# ------------------------------------------------ class swaps of a calibrated norm (SyncBN)
+
+
+class _TorchvisionLikeBlock(nn.Module):
+    """torchvision's BasicBlock as far as calibrate() can tell: its own built-in policy
+    (keyed by module and class name) calibrates after `bn2`, with no torchvision import."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + x)
+
+
+_TorchvisionLikeBlock.__module__ = "torchvision.models.resnet"
+_TorchvisionLikeBlock.__name__ = _TorchvisionLikeBlock.__qualname__ = "BasicBlock"
+
+
+def _torchvision_like() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), _TorchvisionLikeBlock(8), _TorchvisionLikeBlock(8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )  # fmt: skip
+
+
+def _trained_like(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, as after training."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    return model.eval()
+
+
+# (how to build, calibrate's arguments, where the calibrated norms are)
+def _is_batchnorm(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.BatchNorm2d)
+
+
+SWAP_CASES = [
+    pytest.param(_generic_cnn, {"targets": ["1"], "reduction": 2}, ["1"], id="targets"),
+    pytest.param(_generic_cnn, {"targets": _is_batchnorm, "reduction": 2}, ["1"], id="predicate"),
+    pytest.param(_torchvision_like, {"reduction": 2}, ["1.bn2", "2.bn2"], id="torchvision-like"),
+]
+
+
+def _swap_setup(make, kwargs, where):
+    torch.manual_seed(0)
+    plain = _trained_like(make().double())
+    model = calibrate(copy.deepcopy(plain), **kwargs)
+    _randomise_calibrations(model, scale=0.1)
+    positions = {n: model.get_submodule(n).calibration for n in where}
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    return plain, model, positions, x
+
+
+@pytest.mark.parametrize(("make", "kwargs", "where"), SWAP_CASES)
+def test_sync_batchnorm_conversion_keeps_the_calibration(make, kwargs, where):
+    plain, model, positions, x = _swap_setup(make, kwargs, where)
+    state = model.state_dict()
+    with torch.no_grad():
+        before = model(x)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted is model and is_calibrated(model)
+    for name, layer in positions.items():
+        norm = model.get_submodule(name)
+        assert isinstance(norm, nn.SyncBatchNorm) and norm.calibration is layer
+    after_state = model.state_dict()
+    assert list(after_state) == list(state)
+    assert all(after_state[k] is v or torch.equal(after_state[k], v) for k, v in state.items())
+    # eval, single process: SyncBatchNorm computes what BatchNorm did, then the calibration
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out, before, rtol=0, atol=0)
+        reference = forward_with_reference_calibration(plain, x, positions)
+        torch.testing.assert_close(out, reference, rtol=1e-9, atol=1e-10)
+        assert not torch.allclose(out, plain(x))
+    # training mode runs too (no process group: no sync), through the calibration
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for layer in positions.values() for p in layer.parameters())
+
+
+def _rebuild(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A converter as Lightning's `TorchSyncBatchNorm.revert` and timm's are written: build a
+    `cls` norm, copy parameters and buffers, hand it the old module's children (here through
+    setattr; torch's converter uses add_module)."""
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        out = cls(module.num_features, module.eps, module.momentum)
+        out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        setattr(out, name, _rebuild(child, cls))
+    return out
+
+
+@pytest.mark.parametrize(("make", "kwargs", "where"), SWAP_CASES)
+def test_round_trip_of_class_swaps_keeps_calibration_and_uncalibrate_restores(make, kwargs, where):
+    plain, model, positions, x = _swap_setup(make, kwargs, where)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(x)
+    model = _rebuild(nn.SyncBatchNorm.convert_sync_batchnorm(model), nn.BatchNorm2d)
+    for name, layer in positions.items():
+        norm = model.get_submodule(name)
+        assert isinstance(norm, nn.BatchNorm2d) and norm.calibration is layer
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    # idempotent after the swaps: nothing new
+    params = [id(p) for p in model.parameters()]
+    calibrate(model, **kwargs)
+    assert [id(p) for p in model.parameters()] == params
+    # uncalibrate gives the plain converted model back
+    converted_plain = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    uncalibrate(nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    assert not is_calibrated(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in converted_plain.modules()]
+    assert list(model.state_dict()) == list(plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), converted_plain(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", [0, 2])
+def test_converted_model_compiles_exports_and_pickles(case):
+    _, model, _, x = _swap_setup(*SWAP_CASES[case].values)
+    nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert is_calibrated(model)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), ref)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), ref)
+    if case == 2:
+        return  # the torchvision stand-in class cannot be pickled by name
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert isinstance(loaded[1], nn.SyncBatchNorm) and is_calibrated(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+
+
+def test_a_calibrated_norm_that_is_the_whole_model_is_converted_too():
+    norm = _trained_like(nn.BatchNorm2d(4).double())
+    model = calibrate(copy.deepcopy(norm), targets=[""], reduction=2)
+    _randomise_calibrations(model)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert converted is not model and isinstance(converted, nn.SyncBatchNorm)
+    assert converted.calibration is model.calibration and is_calibrated(converted)
+    with torch.no_grad():
+        expected = forward_with_reference_calibration(norm, x, {"": model.calibration})
+        torch.testing.assert_close(converted(x), expected, rtol=1e-9, atol=1e-10)
+
+
+def test_calibrate_reattaches_a_calibration_that_a_raw_class_swap_left_behind():
+    plain, model, _, x = _swap_setup(*SWAP_CASES[0].values)
+    with torch.no_grad():
+        before = model(x)
+    layer = model[1].calibration
+    model[1].__class__ = nn.BatchNorm2d  # bypasses add_module/setattr: nothing can follow it
+    assert not is_calibrated(model) and model[1].calibration is layer
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calibrate(model, targets=["1"], optimizer=opt)
+    assert model[1].calibration is layer and is_calibrated(model)  # the trained layer, kept
+    assert len(opt.param_groups) == 1  # no new parameters
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    model[1].__class__ = nn.BatchNorm2d
+    uncalibrate(model)  # removes the layer left behind, too
+    assert type(model[1]) is nn.BatchNorm2d and list(model.state_dict()) == list(plain.state_dict())
+
+
+def test_only_inserted_calibrations_are_followed():
+    calibrate(_generic_cnn(), targets=["1"])  # the registration hook exists from here on
+    built = resnet20(calibrated=True)  # the block's own slot gets a ResponseCalibration
+    assert all(type(m) is BasicBlock for _, m in _blocks(built))
+    holder = nn.BatchNorm2d(4)
+    holder.calibration = ResponseCalibration(4)  # a user's own layer, not inserted by calibrate
+    assert type(holder) is nn.BatchNorm2d and not is_calibrated(holder)
+
+
+def test_a_target_with_its_own_calibration_attribute_is_refused():
+    model = resnet20(calibrated=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"`layer1.0`.*already has a `calibration`"):
+        calibrate(model, targets=["layer1.1.bn1", "layer1.0"])
+    assert [type(m) for m in model.modules()] == classes
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -118,3 +118,21 @@ def test_compile_fullgraph_and_export(make):
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), ref)
+
+
+@pytest.mark.parametrize(("make", "n_blocks"), MODELS)
+def test_sync_batchnorm_conversion_keeps_the_calibration(make, n_blocks):
+    torch.manual_seed(0)
+    model = calibrate(make()).eval()
+    keys = list(model.state_dict())
+    layers = [m for m in model.modules() if isinstance(m, ResponseCalibration)]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert is_calibrated(model) and list(model.state_dict()) == keys
+    assert [m for m in model.modules() if isinstance(m, ResponseCalibration)] == layers
+    assert len(layers) == n_blocks
+    with torch.no_grad():  # eval, one process: SyncBatchNorm computes what BatchNorm did
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)

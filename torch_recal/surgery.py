@@ -13,6 +13,13 @@ No forward hooks are used (they break ``torch.compile(fullgraph=True)`` and
   the original ``forward`` and then its child ``calibration``. ``isinstance`` checks against
   the original class still hold, and :func:`uncalibrate` restores the original class.
 
+A tool that rebuilds such a module as another class and hands it the old children
+(``nn.SyncBatchNorm.convert_sync_batchnorm``, Lightning's revert of it, timm's own)
+would leave the calibration as an inert child. The inserted layer is therefore marked, and a
+global *module-registration* hook (registered once per process, when the first calibrated
+class is made; it never runs during a forward pass) gives any module that is handed a marked
+layer as its ``calibration`` child the calibrated subclass of its own class.
+
 Paper: Xu et al., https://arxiv.org/abs/2411.13582
 """
 
@@ -26,6 +33,8 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import TypedDict, Unpack
 
 from torch_recal._checks import check_flag, check_instance, check_int
@@ -166,6 +175,10 @@ def _policy_for(module: nn.Module) -> _BlockPolicy | None:
 
 # --------------------------------------------------------------------------- "after" swap
 
+# Marks a calibration inserted by _attach_after (a plain attribute: not in the state_dict;
+# deepcopy and pickle keep it). "This layer calibrates the output of the module holding it."
+_AFTER = "_recal_after"
+
 
 class _CalibratedOutput:
     """Mixin: run the original ``forward``, then the ``calibration`` child."""
@@ -184,9 +197,13 @@ class _CalibratedOutput:
 
 
 _SUBCLASSES: dict[type, type] = {}
+_REGISTRATION_HOOK: RemovableHandle | None = None
 
 
 def _calibrated_class(base: type[nn.Module]) -> type:
+    global _REGISTRATION_HOOK
+    if _REGISTRATION_HOOK is None:  # once per process, with the first calibrated class
+        _REGISTRATION_HOOK = register_module_module_registration_hook(_on_register)
     cls = _SUBCLASSES.get(base)
     if cls is None:
         name = f"Calibrated{base.__name__}"
@@ -200,14 +217,47 @@ def _new_calibrated(base: type[nn.Module]) -> nn.Module:
     return cast(nn.Module, object.__new__(_calibrated_class(base)))
 
 
+def _is_attached(module: object) -> bool:
+    return isinstance(module, ResponseCalibration) and bool(module.__dict__.get(_AFTER, False))
+
+
+def _on_register(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    """Before ``module.add_module(name, submodule)`` (or ``setattr``): a converter handing a
+    rebuilt module the old one's children gives it an inserted calibration to apply too."""
+    calibrated = isinstance(module, _CalibratedOutput)
+    if name == "calibration" and _is_attached(submodule) and not calibrated:
+        module.__class__ = _calibrated_class(type(module))
+
+
 def _attach_after(module: nn.Module, calibration: nn.Module) -> None:
     module.__class__ = _calibrated_class(type(module))
+    calibration.__dict__[_AFTER] = True
     module.add_module("calibration", calibration)
 
 
 def _detach_after(module: nn.Module) -> None:
-    del module.calibration
-    module.__class__ = type(module)._recal_base  # type: ignore[attr-defined]
+    calibration = module._modules.pop("calibration")
+    if calibration is not None:
+        calibration.__dict__.pop(_AFTER, None)
+    if isinstance(module, _CalibratedOutput):
+        module.__class__ = module._recal_base  # type: ignore[assignment]
+
+
+def _left_behind(module: nn.Module, where: str) -> ResponseCalibration | None:
+    """The calibration a class swap left on ``module`` without its wrapper (re-attach it).
+
+    Raises ``ValueError`` when ``module`` has a ``calibration`` attribute of its own: the
+    inserted layer would replace it, or be applied twice.
+    """
+    existing = module._modules.get("calibration")
+    if _is_attached(existing):
+        return cast(ResponseCalibration, existing)
+    if hasattr(module, "calibration"):
+        raise ValueError(
+            f"calibrate: {where} already has a `calibration` attribute of its own; calibrate "
+            "the layer whose output it uses instead"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -242,10 +292,14 @@ def _factory_kwargs(module: nn.Module) -> dict[str, Any]:
 
 
 def _make(
-    channels: int, reduction: int, layer_kwargs: dict[str, Any], where: nn.Module, channel_dim: int
+    channels: Callable[[], int],
+    reduction: int,
+    layer_kwargs: dict[str, Any],
+    where: nn.Module,
+    channel_dim: int,
 ) -> ResponseCalibration:
     kwargs = {"channel_dim": channel_dim, **_factory_kwargs(where), **layer_kwargs}
-    return ResponseCalibration(channels, reduction, **kwargs)
+    return ResponseCalibration(channels(), reduction, **kwargs)
 
 
 def _check_model(model: Any, who: str) -> nn.Module:
@@ -299,7 +353,9 @@ def calibrate(
     calibrated. Existing ``state_dict`` keys are unchanged, so pretrained checkpoints still
     load (``strict=False`` reports only the new calibration keys as missing). Calling it
     twice changes nothing; :func:`uncalibrate` undoes it. Create the optimizer after
-    calling it, or pass ``optimizer=`` to add the new parameters as a param group.
+    calling it, or pass ``optimizer=`` to add the new parameters as a param group. A
+    calibrated norm stays calibrated when a converter rebuilds it and hands it its children
+    (``nn.SyncBatchNorm.convert_sync_batchnorm(model)``, before or after this call).
 
     Every edit is planned and checked before the first one is made: after an error the
     model and the optimizer are exactly as they were.
@@ -326,8 +382,9 @@ def calibrate(
         TypeError: an argument of the wrong type (``model``, ``optimizer``, ``targets`` or
             its entries, a layer option) or an unknown layer option.
         ValueError: nothing matched, an unknown or repeated target name, two blocks that
-            share the module to calibrate, a layer whose channels cannot be inferred, or a
-            bad layer option value.
+            share the module to calibrate, a module to calibrate after that has a
+            ``calibration`` attribute of its own, a layer whose channels cannot be inferred,
+            or a bad layer option value.
 
     Example:
         >>> import torch
@@ -443,6 +500,18 @@ class _Plan:
         self.edits.append(edit)
         self.new_params.extend(layer.parameters())
 
+    def after(
+        self, module: nn.Module, where: str, hint: str, make: Callable[[], ResponseCalibration]
+    ) -> None:
+        """Calibrate ``module``'s output: re-attach the layer a class swap left, else a new one."""
+        self.claim(module, where, hint)
+        layer = _left_behind(module, where)
+        if layer is not None:
+            self.edits.append(functools.partial(_attach_after, module, layer))
+            return
+        layer = make()
+        self.add(functools.partial(_attach_after, module, layer), layer)
+
 
 def _plan_blocks(
     model: nn.Module, reduction: int, layer_kwargs: dict[str, Any], plan: _Plan
@@ -465,10 +534,9 @@ def _plan_blocks(
                 ) from None
             if isinstance(target, _CalibratedOutput):
                 continue
-            plan.claim(target, f"{where}.{policy.after}", hint)
-            channels = policy.target_channels(block, target)
-            layer = _make(channels, reduction, layer_kwargs, block, 1)
-            plan.add(functools.partial(_attach_after, target, layer), layer)
+            channels = functools.partial(policy.target_channels, block, target)
+            make = functools.partial(_make, channels, reduction, layer_kwargs, block, 1)
+            plan.after(target, f"{where}.{policy.after}", hint, make)
         else:
             slot = policy.slot
             assert slot is not None
@@ -479,13 +547,13 @@ def _plan_blocks(
                 continue
             if occupant is not None and not isinstance(occupant, nn.Module):
                 raise ValueError(f"calibrate: slot `{slot}` of {where} holds {occupant!r}")
-            channels = policy.target_channels(block, None)
-            layer = _make(channels, reduction, layer_kwargs, block, 1)
+            channels = functools.partial(policy.target_channels, block, None)
+            make = functools.partial(_make, channels, reduction, layer_kwargs, block, 1)
             if occupant is None or isinstance(occupant, nn.Identity):
+                layer = make()
                 plan.add(functools.partial(_fill_slot, block, slot, layer, occupant), layer)
             else:
-                plan.claim(occupant, f"{where}.{slot}", hint)
-                plan.add(functools.partial(_attach_after, occupant, layer), layer)
+                plan.after(occupant, f"{where}.{slot}", hint, make)
     return recognised
 
 
@@ -527,10 +595,11 @@ def _plan_targets(
         target = modules[name]
         if isinstance(target, _CalibratedOutput):
             continue
-        plan.claim(target, f"target `{name}`", hint)
-        channels = _infer_channels(target, name)
-        layer = _make(channels, reduction, layer_kwargs, target, _default_channel_dim(target))
-        plan.add(functools.partial(_attach_after, target, layer), layer)
+        channels = functools.partial(_infer_channels, target, name)
+        make = functools.partial(
+            _make, channels, reduction, layer_kwargs, target, _default_channel_dim(target)
+        )
+        plan.after(target, f"target `{name}`", hint, make)
 
 
 def uncalibrate(model: nn.Module, *, inplace: bool = True) -> nn.Module:
@@ -562,8 +631,10 @@ def uncalibrate(model: nn.Module, *, inplace: bool = True) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     for module in list(model.modules()):
-        if isinstance(module, _CalibratedOutput):
-            _detach_after(module)
+        if isinstance(module, _CalibratedOutput) or _is_attached(
+            module._modules.get("calibration")
+        ):
+            _detach_after(module)  # also a layer that a class swap left without its wrapper
         filled = getattr(module, "_recal_filled_slot", None)
         if filled is not None:
             slot, occupant = filled

@@ -41,7 +41,7 @@ from torch_recal.heads import _tied_elsewhere, _unwrap, find_classifier
 from torch_recal.layer_sampling import RandomLayerTraining, _check_schedule
 from torch_recal.refit import RefitResult, pinv_refit_dense
 from torch_recal.rifle import RifleScheduler
-from torch_recal.surgery import _LAYER_OPTIONS, _CalibratedOutput, calibrate
+from torch_recal.surgery import _LAYER_OPTIONS, calibrate
 
 _log = logging.getLogger("torch_recal")
 
@@ -161,27 +161,6 @@ class CalibrateDriver:
     def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         calibrate(model, reduction=self.reduction, targets=self.targets, optimizer=optimizer,
                   **self.layer_kwargs)  # fmt: skip
-        self.count = calibrated_layers(model)
-
-    def check_still_calibrated(self, model: nn.Module) -> None:
-        """A wrapper that rebuilt the norm layers (``SyncBatchNorm.convert_sync_batchnorm``,
-        Lightning's ``sync_batchnorm=True``) drops calibrations that follow a norm layer."""
-        if calibrated_layers(model) < getattr(self, "count", 0):
-            raise RuntimeError(
-                f"{self.who}: the model lost {self.count - calibrated_layers(model)} of its "
-                f"{self.count} calibrations after setup: converting norm layers (e.g. "
-                f"Trainer(sync_batchnorm=True)) replaced the calibrated ones. Convert first "
-                f"(nn.SyncBatchNorm.convert_sync_batchnorm(model)), then calibrate, and leave "
-                f"sync_batchnorm=False"
-            )
-
-
-def calibrated_layers(model: nn.Module) -> int:
-    """How many layers of ``model`` carry an inserted calibration."""
-    return sum(
-        isinstance(m, _CalibratedOutput) or getattr(m, "_recal_filled_slot", None) is not None
-        for m in model.modules()
-    )
 
 
 class RifleDriver(Driver):

@@ -99,9 +99,8 @@ class CalibrateCallback(pl.Callback):
     stage: before ``configure_optimizers`` (so the optimizer holds the new parameters) and
     before a checkpoint's weights are restored (its calibration keys find their layers).
     ``calibrate`` is idempotent, so a second ``fit``/``test`` changes nothing. No state.
-    ``Trainer(sync_batchnorm=True)`` rebuilds the norm layers after ``setup`` and would drop
-    a calibration that follows a norm: the fit then stops with a ``RuntimeError`` (convert
-    to ``nn.SyncBatchNorm`` yourself before calibrating instead).
+    ``Trainer(sync_batchnorm=True)`` rebuilds the norm layers after ``setup`` (and back at
+    the end of the fit): a calibration that follows a norm moves with it.
 
     Paper: Xu et al., https://arxiv.org/abs/2411.13582
 
@@ -135,10 +134,6 @@ class CalibrateCallback(pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._driver.apply(pl_module)
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._driver.check_still_calibrated(pl_module)
 
 
 class RifleCallback(pl.Callback):
