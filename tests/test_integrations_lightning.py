@@ -507,6 +507,8 @@ def test_ddp_on_two_processes_keeps_the_ranks_equal_and_refits_over_all_data(tmp
     assert r0["rifle"] == r1["rifle"] and r0["rifle"]["last_reset"] == 0
     assert r0["layers"] == r1["layers"]
     assert r0["refits"] == r1["refits"] == 1 and r0["ggr_steps"] == 3 * 2
+    assert r0["coherent"] == r1["coherent"] and r0["coherent"]["num_steps"] == 3 * 2
+    assert r0["coherent_history"] == r1["coherent_history"]
     # the final refit summed both ranks' halves (each rank's share of the data as Lightning's
     # DistributedSampler drew it, its features from its own model): rebuilt here by hand
     assert r0["refit_samples"] == 48 and sorted(r0["indices"] + r1["indices"]) == list(range(48))

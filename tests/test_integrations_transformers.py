@@ -402,6 +402,40 @@ def test_coherent_bf16_makes_the_fp32_decisions_without_nan(tmp_path):
     assert decisions(coherent_of(trainer)) == decisions(expected)
 
 
+def test_coherent_takes_the_accelerated_optimizers_scaler_and_skips_its_inf_steps():
+    # accelerate makes no GradScaler on CPU (fp16=True runs without one there), so the
+    # Trainer's fp16 path is rebuilt from its parts: an AcceleratedOptimizer with a CPU scaler.
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers.trainer_callback import TrainerControl, TrainerState
+
+    Accelerator(cpu=True)
+    model = HFNet()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    scaler = torch.amp.GradScaler("cpu")
+    prepared = AcceleratedOptimizer(opt, device_placement=False, scaler=scaler)
+    callback = CoherentRegCallback(strength=0.1, warmup=0)
+    args = SimpleNamespace(restore_callback_states_from_checkpoint=False)
+    callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model,
+                            optimizer=prepared)  # fmt: skip
+    reg = callback.reg
+    assert reg.optimizer is opt and reg.scaler is scaler
+    x, y = tiny_data(4)
+    for factor, steps in [(1.0, 1), (float("inf"), 1), (1.0, 2)]:
+        before = [p.detach().clone() for p in reg.params]
+        prepared.zero_grad()
+        scaler.scale(model(x, y)["loss"] * factor).backward()
+        prepared.step()  # scaler.step(opt), then scaler.update()
+        assert prepared.step_was_skipped == (factor != 1.0)  # accelerate's own account
+        if prepared.step_was_skipped:  # no soft-threshold, no count on a skipped step
+            assert all(torch.equal(a, p) for a, p in zip(before, reg.params, strict=True))
+        assert reg.num_steps == steps
+    assert reg.num_skipped == 0 and len(reg.history) == 2
+    callback.on_train_end(args, TrainerState(), TrainerControl())
+
+
 @pytest.mark.parametrize("case", bad_rows(integration))
 def test_bad_call_raises_names_the_argument_and_changes_nothing(case):
     run_bad_call(case)
