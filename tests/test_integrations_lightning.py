@@ -405,6 +405,24 @@ def test_coherent_resume_from_a_checkpoint_equals_the_uninterrupted_fit(tmp_path
     assert_same_history(list(resumed_cb.reg.history), tail)
 
 
+def test_coherent_callback_reused_for_a_resumed_fit_starts_from_the_checkpoint(tmp_path):
+    full, full_cb = coherent_fit(tmp_path)
+    expected_weights = copy.deepcopy(full.net.state_dict())
+    expected = full_cb.reg.state_dict()
+    model = CoherentNet()
+    fit = trainer(callbacks=[full_cb], max_epochs=COHERENT_EPOCHS)  # the same callback object
+    fit.fit(model, loader(), ckpt_path=str(tmp_path / "epoch=2.ckpt"))
+    assert full_cb.reg.num_steps == 3 * COHERENT_EPOCHS and len(full_cb.reg.history) == 9
+    assert_same_gate_state(full_cb.reg.state_dict(), expected)
+    assert_same_weights(model.net, _net_with(expected_weights))
+
+
+def _net_with(weights: dict) -> nn.Module:
+    net = TinyNet()
+    net.load_state_dict(weights)
+    return net
+
+
 def test_coherent_bf16_mixed_makes_the_fp32_decisions_without_nan():
     _, expected = coherent_loop()
     assert_clear_decisions(expected)

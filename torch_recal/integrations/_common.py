@@ -545,6 +545,13 @@ class CoherentDriver(Driver):
         self.options = dict(options)
         self.handle: Attachment | None = None
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load into the regulariser of the last run, if there is one (checked now), and keep
+        the state for the next :meth:`build`: each run builds a new regulariser."""
+        super().load_state_dict(state)
+        if self.piece is not None and state:
+            self._pending = dict(state)
+
     def build(
         self,
         model: nn.Module,
