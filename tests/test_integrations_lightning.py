@@ -480,6 +480,24 @@ def test_coherent_callback_takes_chosen_parameters_and_the_optimizer_holding_the
     assert callback.reg.num_steps == 3
 
 
+def test_coherent_callback_detaches_when_the_fit_stops_with_an_error():
+    class Fails(CoherentNet):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                raise KeyError("stop")
+            return super().training_step(batch, batch_idx)
+
+    callback = CoherentRegCallback(**COHERENT)
+    fit = trainer(callbacks=[callback], max_epochs=1)
+    model = Fails()
+    with pytest.raises(KeyError, match="stop"):
+        fit.fit(model, loader())
+    assert callback.reg.num_steps == 2
+    model.net(torch.randn(2, 1, 8, 8)).sum().backward()
+    callback.reg.optimizer.step()  # no longer runs the regulariser
+    assert callback.reg.num_steps == 2
+
+
 def test_coherent_bad_saved_state_is_refused_before_anything_is_attached():
     callback = CoherentRegCallback(**COHERENT)
     state = CoherentStrongReg([nn.Parameter(torch.ones(2, 2))], lr=0.1, **COHERENT).state_dict()
