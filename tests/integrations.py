@@ -5,6 +5,8 @@
   error instead, so the tests cannot silently skip there.
 * :class:`TinyNet` and :func:`tiny_data`: a small conv classifier and a fixed data set, fast
   on one CPU thread.
+* ``COHERENT`` and the ``assert_*`` helpers: a ``CoherentStrongReg`` set-up whose gate
+  switches off with a wide margin on :func:`tiny_data`, and comparisons of its runs.
 * :func:`docs_blocks`: the ``python`` blocks of ``docs/integrations.md`` marked
   ``<!-- skip-test -->`` (they need an extra), so the integration tests run the very text of
   the docs.
@@ -17,6 +19,7 @@ import os
 import re
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -95,13 +98,60 @@ def state_equal(a: object, b: object) -> bool:
     return a == b
 
 
+# strength 0.3, fast averages, full strength at once: on TinyNet (SGD, lr 0.05, momentum 0.9,
+# batches of 16) the gate is on for the first steps, then switches off with a wide margin
+# (checked by `assert_clear_decisions`).
+COHERENT = {"strength": 0.3, "smoothing": 0.5, "warmup": 0}
+COHERENT_EPOCHS = 6
+
+
+def decisions(reg: Any) -> list[bool]:
+    """The gate's decision at each step in ``reg.history``."""
+    return [entry["active"] for entry in reg.history]
+
+
+def assert_same_history(a: list[dict], b: list[dict]) -> None:
+    """The same steps and decisions, the same measurements up to float rounding."""
+    assert [e["active"] for e in a] == [e["active"] for e in b]
+    assert [e["step"] for e in a] == [e["step"] for e in b]
+    for key in ("progress", "cost", "strength"):
+        torch.testing.assert_close([e[key] for e in a], [e[key] for e in b], rtol=1e-4, atol=0)
+
+
+def assert_same_gate_state(a: dict, b: dict) -> None:
+    """Counters and flags equal, averages equal up to float rounding."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], float):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=0, msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+def assert_clear_decisions(reg: Any, margin: float = 0.2) -> None:
+    """Each decision of the run is far from its threshold: the averages, recomputed by hand
+    from the history's progress and cost, are at least ``margin`` away from where the gate
+    would flip (so a slightly different run, e.g. in bf16, must decide the same)."""
+    beta = reg.smoothing
+    progress = cost = None
+    for entry, on_next in zip(reg.history, [*decisions(reg)[1:], None], strict=True):
+        p, c = entry["progress"], entry["cost"]
+        progress = p if progress is None else beta * progress + (1 - beta) * p
+        cost = c if cost is None else beta * cost + (1 - beta) * c
+        undo = cost / progress
+        if on_next is not None:  # the gate: off above max_undo, on again below resume_undo
+            threshold = reg.max_undo if entry["active"] else reg.resume_undo
+            assert abs(undo - threshold) >= margin, (entry["step"], undo)
+            assert on_next == (undo <= threshold if entry["active"] else undo < threshold)
+
+
 def bad_rows(m: ModuleType) -> list:
     """Bad-call rows (tests/badcalls.py) for the callbacks shared by both integration modules
     ``m`` (``torch_recal.integrations.lightning`` or ``.transformers``)."""
     from tests.badcalls import Bad
 
     rifle, layers, refit = m.RifleCallback, m.RandomLayerCallback, m.DenseRefitCallback
-    calib, ggr = m.CalibrateCallback, m.GGRCallback
+    calib, ggr, coh = m.CalibrateCallback, m.GGRCallback, m.CoherentRegCallback
     state = {"num_refits": 1, "last_epoch": 0, "last_step": 3}
     rows = [
         Bad("RifleCallback", lambda _: rifle(num_resets="1"), TypeError, "`num_resets`"),
@@ -220,5 +270,53 @@ def bad_rows(m: ModuleType) -> list:
         Bad("CalibrateCallback", lambda _: calib(targets="bn1"), TypeError, "`targets`"),
         Bad("CalibrateCallback", lambda _: calib(eps_typo=1.0), TypeError, "`eps_typo`"),
         Bad("GGRCallback", lambda _: ggr(None), TypeError, "`ggr`"),
+        *coherent_rows(coh),
     ]
     return [r.param() for r in rows]
+
+
+def coherent_rows(coh: Any) -> list:
+    """Rows for ``CoherentRegCallback``: each option as ``CoherentStrongReg`` checks it, the
+    options that come from the trainer, ``params`` and ``load_state_dict``."""
+    from tests.badcalls import Bad
+
+    def ctor(error: type[BaseException], names: str, **kw: Any) -> Bad:
+        shown = ",".join(f"{k}={v!r}" for k, v in kw.items())
+        return Bad("CoherentRegCallback", lambda _: coh(**{"strength": 0.1, **kw}), error, names,
+                   id=f"CoherentRegCallback-{shown}")  # fmt: skip
+
+    return [
+        ctor(TypeError, "`strength`", strength="0.1"),
+        ctor(ValueError, "`strength`", strength=0.0),
+        ctor(ValueError, "`strength`", strength=float("nan")),
+        ctor(TypeError, "`kind`", kind=1),
+        ctor(ValueError, "`kind`", kind="l3"),
+        ctor(ValueError, "`l1_mode`", l1_mode="clip"),
+        ctor(ValueError, "`criterion`", criterion="coherent"),
+        ctor(ValueError, "`max_undo`", max_undo=0.0),
+        ctor(ValueError, "`resume_undo`", resume_undo=0.9),
+        ctor(ValueError, "`smoothing`", smoothing=1.0),
+        ctor(ValueError, "`warmup`", warmup="later"),
+        ctor(TypeError, "`warmup`", warmup=1.5),
+        ctor(ValueError, "`takeoff`", takeoff=1.0),
+        ctor(ValueError, "`max_ratio`", max_ratio=0.0),
+        ctor(ValueError, "`min_cosine`", min_cosine=2.0),
+        ctor(ValueError, "`window`", window=0),
+        ctor(TypeError, "`reactivate`", reactivate="no"),
+        ctor(ValueError, "`delay`", delay=-1),
+        ctor(TypeError, "`weights_only`", weights_only=1),
+        ctor(ValueError, "`history_size`", history_size=-1),
+        ctor(TypeError, "`params`", params=3),
+        ctor(TypeError, "`params`", params=nn.Linear(2, 2)),
+        ctor(TypeError, "`lr`", lr=0.1),  # from the trainer's optimizer
+        ctor(TypeError, "`optimizer`", optimizer=None),
+        ctor(TypeError, "`scaler`", scaler=None),
+        ctor(TypeError, "`strenght`", strenght=0.1),
+        Bad(
+            "CoherentRegCallback.load_state_dict",
+            lambda c: c.load_state_dict([1]),
+            TypeError,
+            "`state_dict`",
+            make=lambda: coh(strength=0.1),
+        ),
+    ]

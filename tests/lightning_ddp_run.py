@@ -3,7 +3,9 @@
 Run by ``tests/test_integrations_lightning.py`` as ``python tests/lightning_ddp_run.py OUT``
 (Lightning starts rank 1 by running the same command again). Each rank writes its model's
 weights and the callbacks' states to ``OUT/rank{r}.pt``. RIFLE and the random layer choice
-run without ``seed`` on purpose: what keeps the ranks equal is the broadcast from rank 0.
+run without ``seed`` on purpose: what keeps the ranks equal is the broadcast from rank 0. The
+coherent regulariser reads the gradients DDP has all-reduced: its decisions agree by
+construction.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ os.environ.setdefault("TORCH_RECAL_COMPILE", "0")
 
 import lightning.pytorch as L
 
-from tests.integrations import TinyNet, reference, tiny_data
+from tests.integrations import COHERENT, TinyNet, reference, tiny_data
 from torch_recal import GenerativeGradientLoss
 from torch_recal.integrations.lightning import (
     CalibrateCallback,
+    CoherentRegCallback,
     DenseRefitCallback,
     GGRCallback,
     RandomLayerCallback,
@@ -67,10 +70,12 @@ def main(out: str) -> None:
     rifle = RifleCallback(num_resets=1)  # no seed: rank 0's new head is broadcast
     layers = RandomLayerCallback(["net.bn1", "net.conv2"])  # no seed: drawn on rank 0
     refit = DenseRefitCallback(ridge=1e-2)
+    coherent = CoherentRegCallback(**COHERENT)  # reads the all-reduced gradients
     model = LitNet()
     trainer = L.Trainer(
         max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true",
-        callbacks=[RankSeed(), CalibrateCallback(targets=["net.bn1"]), rifle, layers, refit],
+        callbacks=[RankSeed(), CalibrateCallback(targets=["net.bn1"]), coherent, rifle, layers,
+                   refit],
         logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, num_sanity_val_steps=0,
     )  # fmt: skip
@@ -84,6 +89,8 @@ def main(out: str) -> None:
             "refit_samples": refit.last_result.num_samples,
             "indices": list(trainer.train_dataloader.sampler),  # this rank's share of the data
             "ggr_steps": model.ggr.ggr.num_steps,
+            "coherent": coherent.reg.state_dict(),
+            "coherent_history": list(coherent.reg.history),
         },
         os.path.join(out, f"rank{trainer.global_rank}.pt"),
     )

@@ -7,11 +7,14 @@ References: the same pieces driven by hand in a plain loop (fit), and an uninter
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
+import math
 import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -21,9 +24,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.badcalls import run_bad_call
 from tests.integrations import (
+    COHERENT,
+    COHERENT_EPOCHS,
     ROOT,
     TinyNet,
+    assert_clear_decisions,
+    assert_same_gate_state,
+    assert_same_history,
     bad_rows,
+    decisions,
     docs_blocks,
     need,
     reference,
@@ -34,6 +43,7 @@ from tests.integrations import (
 L = need("lightning.pytorch")
 
 from torch_recal import (  # noqa: E402
+    CoherentStrongReg,
     GenerativeGradientLoss,
     NormalEquations,
     RandomLayerTraining,
@@ -43,8 +53,10 @@ from torch_recal import (  # noqa: E402
     pinv_refit_dense,
 )
 from torch_recal.integrations import lightning as integration  # noqa: E402
+from torch_recal.integrations._common import COHERENT_OPTIONS  # noqa: E402
 from torch_recal.integrations.lightning import (  # noqa: E402
     CalibrateCallback,
+    CoherentRegCallback,
     DenseRefitCallback,
     GGRCallback,
     RandomLayerCallback,
@@ -325,6 +337,211 @@ def test_a_bad_saved_state_is_refused_when_the_piece_is_built():
         trainer(callbacks=[rifle], max_epochs=2).fit(LitNet(), loader())
 
 
+# --------------------------------------------------------------------------- CoherentRegCallback
+# tests/integrations.py's COHERENT set-up: the gate switches off with a wide margin.
+
+
+class CoherentNet(L.LightningModule):
+    def __init__(self, inf_at_step: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = TinyNet()
+        self.inf_at_step = inf_at_step
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        if self.global_step == self.inf_at_step:
+            loss = loss * float("inf")  # a step the GradScaler must skip
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+
+
+def coherent_loop() -> tuple[nn.Module, CoherentStrongReg]:
+    """The reference: a hand-written loop with ``CoherentStrongReg.attach`` (no closure)."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+    reg = CoherentStrongReg(net.named_parameters(), optimizer=opt, **COHERENT)
+    with reg.attach():
+        for _ in range(COHERENT_EPOCHS):
+            for x, y in loader():
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+    return net, reg
+
+
+def coherent_fit(tmp_path=None, ckpt=None, **kwargs) -> tuple[CoherentNet, CoherentRegCallback]:
+    model, callback = CoherentNet(kwargs.pop("inf_at_step", None)), CoherentRegCallback(**COHERENT)
+    cbs: list[L.Callback] = [callback]
+    if tmp_path is not None:
+        cbs.append(L.callbacks.ModelCheckpoint(dirpath=tmp_path, save_top_k=-1,
+                                               every_n_epochs=1, filename="{epoch}"))  # fmt: skip
+        kwargs["enable_checkpointing"] = True
+    fit = trainer(callbacks=cbs, max_epochs=COHERENT_EPOCHS, **kwargs)
+    fit.fit(model, loader(), ckpt_path=None if ckpt is None else str(ckpt))
+    return model, callback
+
+
+def test_coherent_fit_equals_the_hand_written_loop_with_attach():
+    # Lightning's default precision steps with optimizer.step(closure): backward runs inside
+    # step(), so a regulariser that read .grad before the closure would see the last step's
+    # gradients (or none) and differ from the plain loop.
+    expected_net, expected = coherent_loop()
+    model, callback = coherent_fit()
+    reg = callback.reg
+    assert reg.names == [f"net.{n}" for n in expected.names] == [
+        "net.conv1.weight", "net.conv2.weight", "net.fc.weight"
+    ]  # fmt: skip
+    assert_same_weights(model.net, expected_net)
+    assert reg.num_steps == expected.num_steps == 3 * COHERENT_EPOCHS
+    assert True in decisions(reg) and False in decisions(reg)  # the gate switched
+    assert_same_history(list(reg.history), list(expected.history))
+    assert_same_gate_state(reg.state_dict(), expected.state_dict())
+    assert_clear_decisions(expected)
+    # detached at the end of the fit: a further step leaves the regulariser as it was
+    opt = reg.optimizer
+    model.net(torch.randn(2, 1, 8, 8)).sum().backward()
+    opt.step()
+    assert reg.num_steps == 3 * COHERENT_EPOCHS
+
+
+@pytest.mark.parametrize("resume_after", [0, 2])
+def test_coherent_resume_from_a_checkpoint_equals_the_uninterrupted_fit(tmp_path, resume_after):
+    full, full_cb = coherent_fit(tmp_path)
+    ckpt = tmp_path / f"epoch={resume_after}.ckpt"
+    saved = torch.load(ckpt, weights_only=True)["callbacks"]["CoherentRegCallback"]
+    assert saved["num_steps"] == 3 * (resume_after + 1)
+    assert saved["is_active"] == (resume_after == 0)  # before / after the switch
+
+    resumed, resumed_cb = coherent_fit(ckpt=ckpt)
+    assert_same_weights(resumed.net, full.net)
+    assert_same_gate_state(resumed_cb.reg.state_dict(), full_cb.reg.state_dict())
+    tail = list(full_cb.reg.history)[saved["num_steps"] :]
+    assert_same_history(list(resumed_cb.reg.history), tail)
+
+
+def test_coherent_callback_reused_for_a_resumed_fit_starts_from_the_checkpoint(tmp_path):
+    full, full_cb = coherent_fit(tmp_path)
+    expected_weights = copy.deepcopy(full.net.state_dict())
+    expected = full_cb.reg.state_dict()
+    model = CoherentNet()
+    fit = trainer(callbacks=[full_cb], max_epochs=COHERENT_EPOCHS)  # the same callback object
+    fit.fit(model, loader(), ckpt_path=str(tmp_path / "epoch=2.ckpt"))
+    assert full_cb.reg.num_steps == 3 * COHERENT_EPOCHS and len(full_cb.reg.history) == 9
+    assert_same_gate_state(full_cb.reg.state_dict(), expected)
+    assert_same_weights(model.net, _net_with(expected_weights))
+
+
+def _net_with(weights: dict) -> nn.Module:
+    net = TinyNet()
+    net.load_state_dict(weights)
+    return net
+
+
+def test_coherent_bf16_mixed_makes_the_fp32_decisions_without_nan():
+    _, expected = coherent_loop()
+    assert_clear_decisions(expected)
+    model, callback = coherent_fit(precision="bf16-mixed")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert decisions(callback.reg) == decisions(expected)
+    assert all(math.isfinite(e["progress"]) for e in callback.reg.history)
+
+
+def test_coherent_fp16_gets_the_trainers_scaler_and_skips_its_inf_steps():
+    # Lightning turns precision="16-mixed" into bf16 on CPU; its plugin gives fp16 + scaler.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu")
+    made: list[int] = []
+    model = CoherentNet(inf_at_step=4)
+    callback = CoherentRegCallback(**COHERENT)
+
+    class Count(L.Callback):  # counts the optimizer's real updates, independently
+        def on_fit_start(self, trainer, pl_module):
+            trainer.optimizers[0].register_step_post_hook(lambda *a: made.append(1))
+
+    fit = trainer(callbacks=[callback, Count()], max_epochs=2, plugins=[plugin])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(model, loader())
+    assert callback.reg.scaler is plugin.scaler
+    assert fit.global_step == 6 and len(made) < 6  # the inf step (at least) was skipped
+    assert callback.reg.num_steps == len(made) and callback.reg.num_skipped == 0
+    assert not [w for w in caught if "CoherentStrongReg" in str(w.message)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_coherent_callback_takes_chosen_parameters_and_the_optimizer_holding_them():
+    class TwoOptimizers(CoherentNet):
+        def configure_optimizers(self):
+            head = torch.optim.SGD(self.net.fc.parameters(), lr=LR)
+            rest = [p for n, p in self.net.named_parameters() if not n.startswith("fc.")]
+            return [torch.optim.SGD(rest, lr=LR), head]
+
+        def training_step(self, batch, batch_idx):
+            for opt in self.optimizers():
+                opt.zero_grad()
+            x, y = batch
+            self.manual_backward(F.cross_entropy(self.net(x), y))
+            for opt in self.optimizers():
+                opt.step()
+
+    model = TwoOptimizers()
+    model.automatic_optimization = False
+    callback = CoherentRegCallback(strength=1e-3, params=lambda m: m.net.fc.named_parameters())
+    fit = trainer(callbacks=[callback], max_epochs=1)
+    fit.fit(model, loader())
+    assert callback.reg.names == ["weight"] and callback.reg.optimizer is fit.optimizers[1]
+    assert callback.reg.num_steps == 3
+
+
+def test_coherent_callback_detaches_when_the_fit_stops_with_an_error():
+    class Fails(CoherentNet):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                raise KeyError("stop")
+            return super().training_step(batch, batch_idx)
+
+    callback = CoherentRegCallback(**COHERENT)
+    fit = trainer(callbacks=[callback], max_epochs=1)
+    model = Fails()
+    with pytest.raises(KeyError, match="stop"):
+        fit.fit(model, loader())
+    assert callback.reg.num_steps == 2
+    model.net(torch.randn(2, 1, 8, 8)).sum().backward()
+    callback.reg.optimizer.step()  # no longer runs the regulariser
+    assert callback.reg.num_steps == 2
+
+
+def test_coherent_bad_saved_state_is_refused_before_anything_is_attached():
+    callback = CoherentRegCallback(**COHERENT)
+    state = CoherentStrongReg([nn.Parameter(torch.ones(2, 2))], lr=0.1, **COHERENT).state_dict()
+    callback.load_state_dict({**state, "num_steps": -1})
+    model = CoherentNet()
+    fit = trainer(callbacks=[callback], max_epochs=1)
+    with pytest.raises(ValueError, match="`num_steps`"):
+        fit.fit(model, loader())
+    assert callback.reg is None
+    assert not fit.optimizers[0]._optimizer_step_pre_hooks
+
+
+def test_coherent_callback_errors_name_the_callback():
+    with pytest.raises(ValueError, match=r"^CoherentRegCallback: `kind` must be one of"):
+        CoherentRegCallback(strength=0.1, kind="l3")  # type: ignore[typeddict-item]
+    with pytest.raises(TypeError, match=r"^CoherentRegCallback: unexpected keyword .*`lr`"):
+        CoherentRegCallback(strength=0.1, lr=0.1)  # type: ignore[call-arg]
+
+
+def test_coherent_options_are_those_of_coherent_strong_reg():
+    signature = inspect.signature(CoherentStrongReg.__init__).parameters
+    keywords = {n for n, p in signature.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(COHERENT_OPTIONS) == keywords - {"strength", "lr", "optimizer", "scaler"}
+
+
 @pytest.mark.distributed
 def test_ddp_on_two_processes_keeps_the_ranks_equal_and_refits_over_all_data(tmp_path):
     with socket.socket() as s:
@@ -345,6 +562,8 @@ def test_ddp_on_two_processes_keeps_the_ranks_equal_and_refits_over_all_data(tmp
     assert r0["rifle"] == r1["rifle"] and r0["rifle"]["last_reset"] == 0
     assert r0["layers"] == r1["layers"]
     assert r0["refits"] == r1["refits"] == 1 and r0["ggr_steps"] == 3 * 2
+    assert r0["coherent"] == r1["coherent"] and r0["coherent"]["num_steps"] == 3 * 2
+    assert r0["coherent_history"] == r1["coherent_history"]
     # the final refit summed both ranks' halves (each rank's share of the data as Lightning's
     # DistributedSampler drew it, its features from its own model): rebuilt here by hand
     assert r0["refit_samples"] == 48 and sorted(r0["indices"] + r1["indices"]) == list(range(48))

@@ -18,8 +18,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from tests.badcalls import run_bad_call
 from tests.integrations import (
+    COHERENT,
+    COHERENT_EPOCHS,
     TinyNet,
+    assert_clear_decisions,
+    assert_same_gate_state,
+    assert_same_history,
     bad_rows,
+    decisions,
     docs_blocks,
     need,
     reference,
@@ -33,6 +39,7 @@ need("accelerate")
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from torch_recal import (  # noqa: E402
+    CoherentStrongReg,
     GenerativeGradientLoss,
     RandomLayerTraining,
     RifleScheduler,
@@ -43,6 +50,7 @@ from torch_recal import (  # noqa: E402
 from torch_recal.integrations import transformers as integration  # noqa: E402
 from torch_recal.integrations.transformers import (  # noqa: E402
     CalibrateCallback,
+    CoherentRegCallback,
     DenseRefitCallback,
     GGRCallback,
     GGRTrainer,
@@ -292,6 +300,140 @@ def test_plain_trainer_subclass_recipe_matches_ggr_trainer(tmp_path):
     )
     mine.train()
     assert_same_weights(mine.model, ours.model)
+
+
+# --------------------------------------------------------------------------- CoherentRegCallback
+# tests/integrations.py's COHERENT set-up, and the Trainer clips the gradients
+# (max_grad_norm=1) before the optimizer's step.
+CLIP = 1.0
+
+
+def coherent_trainer(tmp_path, **kwargs) -> Trainer:
+    model = HFNet()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    options = dict(num_train_epochs=COHERENT_EPOCHS, max_grad_norm=CLIP)
+    options.update(kwargs)
+    return Trainer(model=model, args=arguments(tmp_path, **options), train_dataset=Images(),
+                   callbacks=[CoherentRegCallback(**COHERENT)], optimizers=(opt, None))  # fmt: skip
+
+
+def coherent_of(trainer: Trainer) -> CoherentStrongReg:
+    return next(c for c in trainer.callback_handler.callbacks
+                if isinstance(c, CoherentRegCallback)).reg  # fmt: skip
+
+
+def coherent_loop() -> tuple[nn.Module, CoherentStrongReg]:
+    """The reference: backward, clip, step, zero_grad, with ``CoherentStrongReg.attach``."""
+    model = HFNet()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    reg = CoherentStrongReg(model.named_parameters(), optimizer=opt, **COHERENT)
+    x, y = tiny_data()
+    with reg.attach():
+        for _ in range(COHERENT_EPOCHS):
+            for i in range(0, len(y), 16):
+                model(x[i : i + 16], y[i : i + 16])["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+                opt.step()
+                opt.zero_grad()
+    return model, reg
+
+
+def test_coherent_train_equals_the_hand_written_loop_with_attach(tmp_path):
+    expected_model, expected = coherent_loop()
+    trainer = coherent_trainer(tmp_path)
+    trainer.train()
+    reg = coherent_of(trainer)
+    # attached to the torch optimizer inside accelerate's AcceleratedOptimizer
+    assert reg.optimizer is trainer.optimizer.optimizer
+    assert reg.names == expected.names == ["net.conv1.weight", "net.conv2.weight", "net.fc.weight"]
+    assert_same_weights(trainer.model, expected_model)
+    assert reg.num_steps == 3 * COHERENT_EPOCHS
+    assert True in decisions(reg) and False in decisions(reg)  # the gate switched
+    assert_same_history(list(reg.history), list(expected.history))
+    assert_same_gate_state(reg.state_dict(), expected.state_dict())
+    # detached in on_train_end: a further step leaves the regulariser as it was
+    trainer.model(torch.randn(2, 1, 8, 8))["logits"].sum().backward()
+    reg.optimizer.step()
+    assert reg.num_steps == 3 * COHERENT_EPOCHS
+
+
+@pytest.mark.parametrize("step", [3, 7])
+def test_coherent_resume_equals_the_uninterrupted_run(tmp_path, step):
+    # step 3: the last step of epoch 0; step 7: inside epoch 2, after the gate switched off
+    full = coherent_trainer(tmp_path / "full", save_strategy="steps", save_steps=1)
+    full.train()
+    ckpt = tmp_path / "full" / f"checkpoint-{step}"
+    saved = json.loads((ckpt / "trainer_state.json").read_text())["stateful_callbacks"]
+    state = saved["CoherentRegCallback"]["attributes"]["torch_recal_state"]
+    assert state["num_steps"] == step and state["is_active"] == (step == 3)
+
+    resumed = coherent_trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert_same_weights(resumed.model, full.model)
+    a, b = coherent_of(resumed), coherent_of(full)
+    assert_same_gate_state(a.state_dict(), b.state_dict())
+    assert_same_history(list(a.history), list(b.history)[step:])
+
+
+def test_coherent_state_survives_the_json_checkpoint_exactly(tmp_path):
+    trainer = coherent_trainer(tmp_path, save_strategy="steps", save_steps=4, num_train_epochs=2)
+    trainer.train()
+    from torch_recal.integrations._common import from_json
+
+    text = (tmp_path / "checkpoint-4" / "trainer_state.json").read_text()
+    entry = json.loads(text)["stateful_callbacks"]["CoherentRegCallback"]["attributes"]
+    # the averages after four steps, recomputed by hand from the full run's history
+    history = list(coherent_of(trainer).history)[:4]
+    progress, cost = history[0]["progress"], history[0]["cost"]
+    for e in history[1:]:
+        progress = 0.5 * progress + 0.5 * e["progress"]
+        cost = 0.5 * cost + 0.5 * e["cost"]
+    state = from_json(entry["torch_recal_state"])
+    assert state["num_steps"] == 4 and state["progress_ema"] == progress
+    assert state["cost_ema"] == cost
+
+
+def test_coherent_bf16_makes_the_fp32_decisions_without_nan(tmp_path):
+    _, expected = coherent_loop()
+    assert_clear_decisions(expected)
+    trainer = coherent_trainer(tmp_path, bf16=True)
+    trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert decisions(coherent_of(trainer)) == decisions(expected)
+
+
+def test_coherent_takes_the_accelerated_optimizers_scaler_and_skips_its_inf_steps():
+    # accelerate makes no GradScaler on CPU (fp16=True runs without one there), so the
+    # Trainer's fp16 path is rebuilt from its parts: an AcceleratedOptimizer with a CPU scaler.
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers.trainer_callback import TrainerControl, TrainerState
+
+    Accelerator(cpu=True)
+    model = HFNet()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    scaler = torch.amp.GradScaler("cpu")
+    prepared = AcceleratedOptimizer(opt, device_placement=False, scaler=scaler)
+    callback = CoherentRegCallback(strength=0.1, warmup=0)
+    args = SimpleNamespace(restore_callback_states_from_checkpoint=False)
+    callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model,
+                            optimizer=prepared)  # fmt: skip
+    reg = callback.reg
+    assert reg.optimizer is opt and reg.scaler is scaler
+    x, y = tiny_data(4)
+    for factor, steps in [(1.0, 1), (float("inf"), 1), (1.0, 2)]:
+        before = [p.detach().clone() for p in reg.params]
+        prepared.zero_grad()
+        scaler.scale(model(x, y)["loss"] * factor).backward()
+        prepared.step()  # scaler.step(opt), then scaler.update()
+        assert prepared.step_was_skipped == (factor != 1.0)  # accelerate's own account
+        if prepared.step_was_skipped:  # no soft-threshold, no count on a skipped step
+            assert all(torch.equal(a, p) for a, p in zip(before, reg.params, strict=True))
+        assert reg.num_steps == steps
+    assert reg.num_skipped == 0 and len(reg.history) == 2
+    callback.on_train_end(args, TrainerState(), TrainerControl())
 
 
 @pytest.mark.parametrize("case", bad_rows(integration))

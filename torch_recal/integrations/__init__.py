@@ -9,8 +9,8 @@ package imports neither framework:
   ``Trainer`` subclass that adds GGR's term (``pip install "torch-recal[hf]"``).
 
 Both modules offer the same pieces under the same names: ``CalibrateCallback``,
-``RifleCallback``, ``RandomLayerCallback``, ``DenseRefitCallback`` and ``GGRCallback``.
-CoherentStrongReg callback: added with the coherent rework.
+``CoherentRegCallback``, ``RifleCallback``, ``RandomLayerCallback``, ``DenseRefitCallback``
+and ``GGRCallback``.
 ``accelerate`` needs no module: every stateful object works with
 ``accelerator.register_for_checkpointing`` as it is (see ``docs/integrations.md``).
 """

@@ -8,6 +8,9 @@ Each ``*Driver`` holds one library piece and the rules that do not depend on the
 * ``build(...)`` creates the piece (after the optimizer exists, so that nothing frozen is
   left out of it) and loads a state that arrived before it (``load_state_dict`` called by the
   framework before the piece exists keeps it pending);
+* ``CoherentDriver`` is step-driven by the optimizer itself: ``build(...)`` attaches the
+  regulariser to the optimizer's step hooks (:meth:`CoherentStrongReg.attach`), so it needs
+  no event of the trainer but the start and the end of training;
 * ``sync(target)`` advances an epoch- or step-driven piece until its counter equals the
   trainer's (the number of completed epochs, or the global step). Called at every epoch (or
   step) end, and once at the start of a resumed run: a checkpoint saved after the last step
@@ -21,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +39,7 @@ from torch_recal._checks import (
     check_real,
     check_state_keys,
 )
+from torch_recal.coherent import Attachment, CoherentStrongReg
 from torch_recal.generative import GenerativeGradientLoss
 from torch_recal.heads import _tied_elsewhere, _unwrap, find_classifier
 from torch_recal.layer_sampling import RandomLayerTraining, _check_schedule
@@ -47,6 +51,32 @@ _log = logging.getLogger("torch_recal")
 
 HeadSpec = str | nn.Module | Sequence[nn.Module] | None
 LayersSpec = Sequence[str | nn.Module] | Callable[[nn.Module], Sequence[nn.Module]]
+ParamsSpec = Callable[[nn.Module], Iterable[Any]] | None
+
+
+class CoherentOptions(TypedDict, total=False):
+    """Options of the :class:`~torch_recal.CoherentStrongReg` a ``CoherentRegCallback``
+    builds (its constructor's keyword arguments but ``strength``, which the callback takes
+    itself, and ``lr``, ``optimizer``, ``scaler``, which come from the trainer)."""
+
+    kind: Literal["l1", "l2"]
+    l1_mode: Literal["prox", "subgradient"]
+    criterion: Literal["descent", "ratio", "always"]
+    max_undo: float
+    resume_undo: float
+    smoothing: float
+    warmup: int | Literal["auto"]
+    takeoff: float
+    max_ratio: float | None
+    min_cosine: float | None
+    window: int
+    reactivate: bool
+    delay: int
+    weights_only: bool
+    history_size: int
+
+
+COHERENT_OPTIONS: tuple[str, ...] = tuple(CoherentOptions.__annotations__)
 
 
 # --------------------------------------------------------------------------- modules by name
@@ -456,6 +486,92 @@ class RefitDriver:
     def on_train_end(self, epoch: int, step: int, loader: Iterable[Any] | None) -> None:
         if self.at_end and self.last_step != step:
             self.refit(loader, epoch, step)
+
+
+class CoherentDriver(Driver):
+    """A :class:`CoherentStrongReg` on the trainer's optimizer, run by its step hooks.
+
+    The options are checked when the callback is created, by the regulariser's own checks
+    (on a stand-in parameter, so the two cannot drift apart); the regulariser itself is
+    built once the trainer's optimizer exists, over ``params(model)`` (default: the model's
+    ``named_parameters()``), and attached to the optimizer's step hooks until training ends.
+    """
+
+    who = "CoherentRegCallback"
+
+    def __init__(self, strength: float, params: ParamsSpec, options: Mapping[str, Any]) -> None:
+        super().__init__()
+        who = self.who
+        unknown = sorted(set(options) - set(COHERENT_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"{who}: unexpected keyword argument `{unknown[0]}`; the options are "
+                + ", ".join(COHERENT_OPTIONS)
+            )
+        if params is not None and (isinstance(params, nn.Module) or not callable(params)):
+            raise TypeError(
+                f"{who}: `params` must be None (the model's named_parameters()) or a function "
+                f"model -> parameters or (name, parameter) pairs, got {type(params).__name__}"
+            )
+        probe = [("probe.weight", torch.zeros(1, 1, requires_grad=True))]
+        try:
+            CoherentStrongReg(probe, strength=strength, **options)
+        except (TypeError, ValueError) as error:
+            message = str(error).removeprefix("CoherentStrongReg: ")
+            raise type(error)(f"{who}: {message}") from None
+        self.strength = float(strength)
+        self.params = params
+        self.options = dict(options)
+        self.handle: Attachment | None = None
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load into the regulariser of the last run, if there is one (checked now), and keep
+        the state for the next :meth:`build`: each run builds a new regulariser."""
+        super().load_state_dict(state)
+        if self.piece is not None and state:
+            self._pending = dict(state)
+
+    def build(
+        self,
+        model: nn.Module,
+        optimizers: Sequence[torch.optim.Optimizer],
+        scaler: Any = None,
+        state: Mapping[str, Any] | None = None,
+    ) -> CoherentStrongReg:
+        """Build the regulariser on the first of ``optimizers`` that holds its tensors, load
+        ``state`` (or a state loaded before), then attach it; a bad state raises before
+        anything is attached."""
+        self.detach()
+        model = _unwrap(model)
+        if not optimizers:
+            raise RuntimeError(f"{self.who}: the trainer has no optimizer to attach to")
+        params = model.named_parameters() if self.params is None else self.params(model)
+        if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
+            scaler = None
+        reg = CoherentStrongReg(params, strength=self.strength, optimizer=optimizers[0],
+                                scaler=scaler, **self.options)  # fmt: skip
+        holder = next((o for o in optimizers if _holds(o, reg.params)), optimizers[0])
+        if holder is not optimizers[0]:  # the same selection, on the optimizer that holds it
+            reg = CoherentStrongReg(zip(reg.names, reg.params, strict=True),
+                                    strength=self.strength, optimizer=holder, scaler=scaler,
+                                    **self.options)  # fmt: skip
+        if state:
+            self._pending = dict(state)
+        self.piece = None
+        self.attach(reg)
+        self.handle = reg.attach()
+        return reg
+
+    def detach(self) -> None:
+        """Take the regulariser off the optimizer (idempotent)."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def _holds(optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor]) -> bool:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return all(id(t) in held for t in tensors)
 
 
 class GGRDriver:

@@ -18,7 +18,9 @@ Lightning's checkpoints (``Callback.state_dict`` / ``load_state_dict``), so that
   checkpointed, the trainer's ``GradScaler`` is passed for you); add ``callback.term(loss, x)``
   to the loss in ``training_step``.
 
-CoherentStrongReg callback: added with the coherent rework.
+* :class:`CoherentRegCallback`: a :class:`~torch_recal.CoherentStrongReg` attached to the
+  optimizer's step hooks for the fit (it sees the gradients of Lightning's closure, after
+  clipping and the ``GradScaler``'s unscaling; the scaler's skipped steps do nothing).
 
 Pieces that depend on the optimizer or the model's final form are built in ``on_fit_start``
 (after ``configure_optimizers`` and the strategy's wrapping), state that Lightning restores
@@ -45,9 +47,11 @@ except ImportError as _error:  # pragma: no cover - exercised by a test that hid
     ) from _error
 
 from torch_recal._batches import BatchFn
+from torch_recal.coherent import CoherentStrongReg
 from torch_recal.generative import GenerativeGradientLoss
 from torch_recal.integrations._common import (
     CalibrateDriver,
+    CoherentDriver,
     GGRDriver,
     HeadSpec,
     LayersSpec,
@@ -60,10 +64,12 @@ from torch_recal.refit import RefitResult
 from torch_recal.rifle import RifleScheduler
 
 if TYPE_CHECKING:
+    from torch_recal.integrations._common import CoherentOptions, ParamsSpec
     from torch_recal.surgery import LayerOptions
 
 __all__ = [
     "CalibrateCallback",
+    "CoherentRegCallback",
     "DenseRefitCallback",
     "GGRCallback",
     "RandomLayerCallback",
@@ -482,3 +488,79 @@ class GGRCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
             self._driver.ggr.load_state_dict(state_dict)
+
+
+class CoherentRegCallback(pl.Callback):
+    """Gradient-coherent strong L1/L2 regularisation for a Lightning fit.
+
+    Builds a :class:`~torch_recal.CoherentStrongReg` when the fit starts, over the
+    ``LightningModule``'s ``named_parameters()`` (or ``params(pl_module)``) and
+    ``trainer.optimizers[0]`` (the first optimizer holding those parameters when there are
+    several), and attaches it to that optimizer's step hooks
+    (:meth:`~torch_recal.CoherentStrongReg.attach`): the regulariser runs inside
+    ``optimizer.step(closure)``, after Lightning's closure computed the gradients and after
+    gradient clipping; under ``precision="16-mixed"`` it gets the trainer's ``GradScaler``,
+    reads unscaled gradients and does nothing on the steps the scaler skips. It is detached
+    when training ends (also when it stops with an error). Its state (counters, gate and its
+    averages) is saved in Lightning's checkpoints; a resumed fit makes the same gate
+    decisions as an uninterrupted one. Frozen parameters are left out when it is built: list
+    it before a :class:`RandomLayerCallback`, whose first draw freezes layers. One
+    ``CoherentRegCallback`` per ``Trainer`` (Lightning refuses two: one checkpoint entry).
+
+    Paper: Park et al., https://arxiv.org/abs/1811.08056
+
+    Args:
+        strength: the regularisation strength (lambda), a positive float.
+        params: ``None`` (the module's ``named_parameters()``) or a function
+            ``pl_module -> parameters or (name, parameter) pairs``.
+        **options: the :class:`~torch_recal.CoherentStrongReg` options (``kind``,
+            ``criterion``, ``warmup``, ...), checked here; ``lr``, ``optimizer`` and
+            ``scaler`` come from the trainer.
+
+    Attributes:
+        reg: the :class:`~torch_recal.CoherentStrongReg` (``None`` before the fit starts;
+            kept after it, with its ``history``, for inspection).
+
+    Example:
+        >>> from torch_recal.integrations.lightning import CoherentRegCallback
+        >>> callback = CoherentRegCallback(strength=1e-3, kind="l1")  # Trainer(callbacks=[...])
+        >>> callback.reg is None  # built when the fit starts, on trainer.optimizers[0]
+        True
+    """
+
+    def __init__(
+        self, *, strength: float, params: ParamsSpec = None, **options: Unpack[CoherentOptions]
+    ) -> None:
+        self._driver = CoherentDriver(strength, params, options)
+
+    @property
+    def reg(self) -> CoherentStrongReg | None:
+        """The regulariser (built in ``on_fit_start``)."""
+        return self._driver.piece  # type: ignore[no-any-return]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._driver.build(pl_module, trainer.optimizers, scaler)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._driver.detach()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._driver.detach()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._driver.detach()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self._driver.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._driver.load_state_dict(state_dict)

@@ -13,7 +13,9 @@ The same pieces as :mod:`torch_recal.integrations.lightning`, as ``TrainerCallba
   dataloader (its dict batches split into the model's inputs and ``labels``).
 * :class:`GGRCallback` and :class:`GGRTrainer`: GGR's term added in ``compute_loss``.
 
-CoherentStrongReg callback: added with the coherent rework.
+* :class:`CoherentRegCallback`: a :class:`~torch_recal.CoherentStrongReg` attached to the
+  step hooks of the ``Trainer``'s optimizer (unwrapped from accelerate's
+  ``AcceleratedOptimizer``) from ``on_train_begin`` to ``on_train_end``.
 
 State: every callback is an ``ExportableState``; its state goes into each checkpoint's
 ``trainer_state.json`` (``TrainerState.stateful_callbacks``, tensors written as exact
@@ -44,9 +46,11 @@ except ImportError as _error:  # pragma: no cover - exercised by a test that hid
 
 from torch_recal._batches import BatchFn
 from torch_recal._checks import check_instance
+from torch_recal.coherent import CoherentStrongReg
 from torch_recal.generative import GenerativeGradientLoss
 from torch_recal.integrations._common import (
     CalibrateDriver,
+    CoherentDriver,
     GGRDriver,
     HeadSpec,
     LayersSpec,
@@ -63,10 +67,12 @@ from torch_recal.rifle import RifleScheduler
 from torch_recal.surgery import is_calibrated
 
 if TYPE_CHECKING:
+    from torch_recal.integrations._common import CoherentOptions, ParamsSpec
     from torch_recal.surgery import LayerOptions
 
 __all__ = [
     "CalibrateCallback",
+    "CoherentRegCallback",
     "DenseRefitCallback",
     "GGRCallback",
     "GGRTrainer",
@@ -500,6 +506,67 @@ class GGRCallback(_Stateful):
         saved = self._saved(args, state)
         if saved is not None:
             self._driver.ggr.load_state_dict(saved)
+
+
+class CoherentRegCallback(_Stateful):
+    """Gradient-coherent strong L1/L2 regularisation with the Hugging Face ``Trainer``.
+
+    In ``on_train_begin`` (the ``Trainer`` has created and prepared its optimizer then)
+    builds a :class:`~torch_recal.CoherentStrongReg` over the model's ``named_parameters()``
+    (or ``params(model)``) and attaches it to the step hooks of the torch optimizer inside
+    accelerate's ``AcceleratedOptimizer``
+    (:meth:`~torch_recal.CoherentStrongReg.attach`): it runs inside ``optimizer.step()``,
+    after gradient clipping (``max_grad_norm``) and, under ``fp16=True``, on unscaled
+    gradients, doing nothing on the steps the ``GradScaler`` skips. It is detached in
+    ``on_train_end``. Its state goes into each checkpoint's ``trainer_state.json``; a resumed
+    run makes the same gate decisions as an uninterrupted one. Frozen parameters are left
+    out when it is built.
+
+    Paper: Park et al., https://arxiv.org/abs/1811.08056
+
+    Args:
+        strength, params, **options: as in
+            :class:`torch_recal.integrations.lightning.CoherentRegCallback` (``params``:
+            ``None``, the model's ``named_parameters()``, or a function ``model -> pairs``).
+
+    Attributes:
+        reg: the :class:`~torch_recal.CoherentStrongReg` (``None`` before training; kept
+            after it, with its ``history``).
+
+    Example:
+        >>> from torch_recal.integrations.transformers import CoherentRegCallback
+        >>> CoherentRegCallback(strength=1e-3, kind="l2").state()["attributes"]
+        {'torch_recal_state': {}}
+    """
+
+    def __init__(
+        self, *, strength: float, params: ParamsSpec = None, **options: Unpack[CoherentOptions]
+    ) -> None:
+        self._driver = CoherentDriver(strength, params, options)
+
+    @property
+    def reg(self) -> CoherentStrongReg | None:
+        """The regulariser (built in ``on_train_begin``)."""
+        return self._driver.piece  # type: ignore[no-any-return]
+
+    def _state(self) -> dict[str, Any]:
+        return self._driver.state_dict()
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        self._driver.load_state_dict(state)
+
+    @override
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        saved = self._saved(args, state)
+        prepared = kwargs.get("optimizer")
+        inner = getattr(prepared, "optimizer", None)  # accelerate's AcceleratedOptimizer
+        optimizer = inner if isinstance(inner, torch.optim.Optimizer) else prepared
+        self._driver.build(kwargs["model"], [optimizer] if optimizer is not None else [],
+                           getattr(prepared, "scaler", None), saved)  # fmt: skip
+
+    @override
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._driver.detach()
 
 
 class GGRTrainer(Trainer):  # type: ignore[misc]
