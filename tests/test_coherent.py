@@ -487,6 +487,31 @@ def test_gate_switches_off_when_strong_regularisation_collapses_training():
     assert report.compression_ratio > 20  # measured 72x
 
 
+def test_a_step_that_would_zero_a_whole_tensor_is_not_taken():
+    """Far too strong a regulariser from step 0 (no warm-up) zeroes every weight in one or
+    two steps, faster than the averages can react; the gate refuses that step instead."""
+
+    def run(criterion):
+        model = _mlp(hidden=32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        reg = CoherentStrongReg(
+            model.named_parameters(), strength=1.0, optimizer=opt, warmup=0, criterion=criterion
+        )
+        with reg.attach():
+            for x, y in _batches(6):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        return model, reg
+
+    always, _ = run("always")
+    assert all(int(p.count_nonzero()) == 0 for p in (always[0].weight, always[2].weight))
+    model, reg = run("descent")
+    wiped = [h for h in reg.history if "wiped" in h]
+    assert wiped and wiped[0]["step"] == 0 and not reg.is_active
+    assert all(int(p.count_nonzero()) > 0 for p in (model[0].weight, model[2].weight))
+
+
 # ----------------------------------------------------------------------------- optimizer hooks
 def _train_manual(model, opt, reg, batches, clip=None):
     for x, y in batches:

@@ -181,8 +181,12 @@ def ratio_measures(
 ) -> dict[str, float]:
     """The first default's measures over all tensors: ``cos(g, r)`` and ``|r| / |g|`` with
     ``|r| = strength sqrt(n)`` for L1 (NaN when a gradient is not finite)."""
-    per = torch.stack([coherence_statistics([g], [w], kind).double()  # type: ignore[arg-type]
-                       for g, w in zip(grads, weights, strict=True)])  # fmt: skip
+    per = torch.stack(
+        [
+            coherence_statistics([g], [w], kind).double()  # type: ignore[arg-type]
+            for g, w in zip(grads, weights, strict=True)
+        ]
+    )
     dot, gg, rr = sum_over_tensors(per, params).tolist()
     if not all(math.isfinite(v) for v in (dot, gg, rr)):
         return {"cosine": math.nan, "ratio": math.nan}
@@ -209,8 +213,11 @@ def check_gate_state(
         new[key] = check_optional_real(state[key], key, who=who)
     for key in ("ramp_start", "ramp_length"):
         new[key] = check_optional_int(state[key], key, who=who, minimum=0)
-    for a, b in (("cost_ema", "progress_ema"), ("reference_progress", "peak_progress"),
-                 ("ramp_start", "ramp_length")):  # fmt: skip
+    for a, b in (
+        ("cost_ema", "progress_ema"),
+        ("reference_progress", "peak_progress"),
+        ("ramp_start", "ramp_length"),
+    ):
         if (new[a] is None) != (new[b] is None):
             raise ValueError(f"{who}: `{a}` and `{b}` must both be set or both be None")
     if warmup != "auto" and (new["ramp_start"], new["ramp_length"]) != (delay, warmup):
@@ -221,3 +228,24 @@ def check_gate_state(
     if new["ramp_start"] is not None and new["ramp_start"] > max(new["num_steps"], delay):
         raise ValueError(f"{who}: `ramp_start` must be <= `num_steps`, got {new}")
     return new
+
+
+def survivors(weights: list[Tensor], thresholds: list[float], params: list[Tensor]) -> Tensor:
+    """Per tensor (whole tensors: DTensor slices summed over their shards), ``[number of
+    non-zero entries, number with |w| > threshold]``, shape ``(2, n)``, float64."""
+    counts = (
+        torch.stack(
+            [
+                torch.stack([torch.count_nonzero(w), torch.count_nonzero(w.abs() > t)])
+                for w, t in zip(weights, thresholds, strict=True)
+            ]
+        )
+        .double()
+        .T.contiguous()
+    )
+    sharded = [i for i, p in enumerate(params) if _dist.is_dtensor(p)]
+    if sharded:
+        part = counts[:, sharded].contiguous()
+        _dist.all_reduce_over_shards_(part, params[sharded[0]])
+        counts[:, sharded] = part
+    return counts

@@ -51,6 +51,7 @@ from torch_recal._coherent_ops import (
     ratio_measures,
     select_params,
     sum_over_tensors,
+    survivors,
     truncate_,
 )
 from torch_recal.compression import (
@@ -486,15 +487,32 @@ class CoherentStrongReg:
             sum_over_tensors(after, pending.params),
             sum_over_tensors(cost, pending.params),
         ]
+        prox = pending.active and self.kind == "l1" and self.l1_mode == "prox"
+        guard = prox and self.criterion == "descent"
+        if guard:  # per tensor: non-zero entries, and those the soft-threshold would keep
+            kept = survivors(local, [lr * pending.strength for lr in lrs], pending.params)
+            sums.extend(kept.reshape(-1))
         stats = torch.stack(sums).tolist()  # the one host sync of the step
-        before_sum, after_sum, cost_sum = stats
+        before_sum, after_sum, cost_sum = stats[:3]
         if not all(math.isfinite(v) for v in stats):
             self._skip(step, who)
             return
         progress = before_sum - after_sum
         if added is not None and pending.active:
             progress += cost_sum  # the optimizer's step also carried the regulariser's pull
-        if pending.active and self.kind == "l1" and self.l1_mode == "prox":
+        wiped = []
+        if guard:  # a step that would zero a whole tensor is not taken: a collapse
+            n = len(local)
+            nonzero, kept_counts = stats[3 : 3 + n], stats[3 + n :]
+            wiped = [
+                name
+                for name, a, b in zip(pending.names, nonzero, kept_counts, strict=True)
+                if a > 0 and b == 0
+            ]
+        if wiped:
+            self._wipe_out(step, wiped, pending)
+            return
+        if prox:
             by_lr: dict[float, list[Tensor]] = {}
             for p, lr in zip(local, lrs, strict=True):
                 by_lr.setdefault(lr * pending.strength, []).append(p)
@@ -503,6 +521,20 @@ class CoherentStrongReg:
         elif pending.active and pending.signs is not None and pending.leave_zero is not None:
             truncate_(local, pending.signs, pending.leave_zero)
         self._update(step, progress, cost_sum, pending)
+
+    def _wipe_out(self, step: int, names: list[str], pending: Pending) -> None:
+        """The proximal step would have zeroed every remaining weight of ``names``: it is not
+        taken, the regulariser goes off, and the averages start afresh."""
+        s = self._state
+        s["is_active"], s["cost_ema"], s["progress_ema"] = False, None, None
+        s["num_steps"] = step + 1
+        self.history.append({"step": step, "active": False, "strength": 0.0, "wiped": names})
+        _log.info(
+            "CoherentStrongReg: regulariser off after step %d: its step would have zeroed "
+            "all of %s",
+            step,
+            names,
+        )
 
     def _skip(self, step: int, who: str) -> None:
         self._state["num_steps"] = step + 1
@@ -570,8 +602,11 @@ class CoherentStrongReg:
         if grown or progress <= 0.5 * s["peak_progress"]:
             s["ramp_start"], s["ramp_length"] = step + 1, _RAMP_PER_WAIT * waited
             s["is_active"] = True
-            _log.info("CoherentStrongReg: warm-up starts after step %d, ramp over %d steps",
-                      step, _RAMP_PER_WAIT * waited)  # fmt: skip
+            _log.info(
+                "CoherentStrongReg: warm-up starts after step %d, ramp over %d steps",
+                step,
+                _RAMP_PER_WAIT * waited,
+            )
 
     # ------------------------------------------------------------------ the ratio rule
     def _ratio_gate(
