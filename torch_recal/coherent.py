@@ -54,6 +54,7 @@ from torch_recal._coherent_ops import (
     survivors,
     truncate_,
 )
+from torch_recal._optim_hooks import Attachment, attach_to_optimizer
 from torch_recal.compression import (
     CompressionReport,
     LayerSparsity,
@@ -80,28 +81,6 @@ _WHO = "CoherentStrongReg"
 _REFERENCE_STEPS = 5  # steps after `delay` whose progress is the take-off reference
 _RAMP_PER_WAIT = 4  # warmup="auto": ramp over this many times the steps the take-off took
 _log = logging.getLogger("torch_recal")
-
-
-class Attachment:
-    """What :meth:`CoherentStrongReg.attach` returns: ``remove()`` (or leaving a ``with``
-    block) takes the regulariser off the optimizer's step hooks."""
-
-    def __init__(self, reg: CoherentStrongReg) -> None:
-        self._reg, self._handles = reg, list(reg._handles)
-
-    def remove(self) -> None:
-        """Detach (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        if self._reg._handles == self._handles:
-            self._reg._handles = []
-        self._handles = []
-
-    def __enter__(self) -> Attachment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
 
 class CoherentStrongReg:
@@ -248,7 +227,7 @@ class CoherentStrongReg:
         self.scaler = scaler
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
         self._pending: Pending | None = None
-        self._handles: list[Any] = []
+        self._attachment: Attachment | None = None
         self._state = self._initial_state()
 
     # ------------------------------------------------------------------ state
@@ -351,35 +330,18 @@ class CoherentStrongReg:
         check_instance(optimizer, "optimizer", torch.optim.Optimizer, who=who)
         if self.optimizer is not None and optimizer is not self.optimizer:
             raise ValueError(f"{who}: `optimizer` is not the optimizer given to the constructor")
-        if self._handles:
+        if self._attachment is not None:
             raise RuntimeError(f"{who}: already attached; remove() the first handle first")
         self._check_in_optimizer(optimizer, who)
         self.optimizer = optimizer
 
-        def pre_hook(opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            # args = (optimizer, *step's positional args): the closure is args[1] or a kwarg
-            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-            if closure is None:
-                self.step()
-                return None
+        self._attachment = attach_to_optimizer(
+            optimizer, self.step, self.after_step, self._detached
+        )
+        return self._attachment
 
-            def closure_then_step() -> Any:  # the closure computes the gradients
-                loss = closure()
-                self.step()
-                return loss
-
-            if "closure" in kwargs:
-                return args, {**kwargs, "closure": closure_then_step}
-            return (args[0], closure_then_step, *args[2:]), kwargs
-
-        def post_hook(opt: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self.after_step()
-
-        self._handles = [
-            optimizer.register_step_pre_hook(pre_hook),
-            optimizer.register_step_post_hook(post_hook),
-        ]
-        return Attachment(self)
+    def _detached(self) -> None:
+        self._attachment = None
 
     def _check_in_optimizer(self, optimizer: torch.optim.Optimizer, who: str) -> None:
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
