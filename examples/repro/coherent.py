@@ -73,7 +73,9 @@ MODELS = {
     "cnn": {"methods": [m for m in METHODS if m != "ratio"], "n_train": 5_000},
 }
 BASELINES = ("always-prox", "delayed", "always-sub")
-DELTAS = (1, 3)  # accuracy points below the unregularised model
+DELTAS = (1,)  # accuracy points below the unregularised model (validation)
+LEVELS = (5, 10, 30, 100)  # compression levels at which the fronts are compared
+COLLAPSED = 0.2  # test accuracy at or below this is a collapsed run (chance is 0.1)
 
 
 def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
@@ -104,9 +106,12 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
         },
         "regularised": "conv/linear weights (CoherentStrongReg's default selection); "
         "compression counts their exact zeros",
-        "statistic": "per seed and method: the largest compression among the strengths whose "
-        "validation accuracy is within delta points of the unregularised run's (1.0 if none), "
-        "and that run's test accuracy; paired differences of log10(compression)",
+        "statistic": "per seed and method (1) the largest compression among the strengths whose "
+        "validation accuracy is within 1 point of the unregularised run's (1.0 if none), and "
+        "that run's test accuracy; paired differences of log10(compression); (2) the front: "
+        "the test accuracy at 5x, 10x, 30x and 100x compression, read off the seed's "
+        "accuracy/compression front (its Pareto-optimal runs with the unregularised run as 1x, "
+        "linear in log10(compression), collapsed runs excluded); paired differences",
         "how_chosen": "the gate's criterion and defaults were chosen in exploration on seed 0's "
         "validation split of this data (MLP5 and the CNN) before this suite was run; the "
         "strength of each method is chosen on the validation split by the statistic above",
@@ -140,6 +145,39 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
                 ],
                 "pairs": pairs,
             }
+    for model, cfg in MODELS.items():
+        methods = cfg["methods"]
+        front_pairs = [
+            {
+                "label": f"coherent - {b}: accuracy at {c}x",
+                "a": f"{model}-front/{b}",
+                "b": f"{model}-front/coherent",
+                "metric": f"acc_at_{c}x",
+                "unit": "accuracy",
+                "expected": "+",
+            }
+            for c in LEVELS
+            for b in ("always-prox", "delayed")
+        ] + [
+            {
+                "label": f"coherent at {c}x - no regulariser",
+                "a": f"{model}-front/none",
+                "b": f"{model}-front/coherent",
+                "metric": f"acc_at_{c}x",
+                "unit": "accuracy",
+                "expected": "-",
+            }
+            for c in LEVELS[:2]
+        ]
+        studies[f"{model}-front"] = {
+            "title": f"{model}: test accuracy on each seed's front at a given compression",
+            "seeds": list(range(n_seeds)),
+            "arms": [f"{model}-front/{m}" for m in methods],
+            "labels": {f"{model}-front/{m}": METHODS[m][0] for m in methods},
+            "columns": [[f"acc_at_{c}x", f"accuracy at {c}x", "accuracy"] for c in LEVELS]
+            + [["max_compression", "most compression before collapse", "x"]],
+            "pairs": front_pairs,
+        }
     return {"settings": settings, "studies": studies}
 
 
@@ -294,6 +332,9 @@ def finish(proto: dict[str, Any], seeds: list[dict[str, Any]], infos: dict[str, 
             if not base:
                 continue
             ref = base[0]["val_acc"]
+            for method in cfg["methods"]:
+                runs = None if method == "none" else _runs(infos, model, seed, method)
+                rec["arms"][f"{model}-front/{method}"] = front_metrics(base[0], runs)
             for delta in DELTAS:
                 for method in cfg["methods"]:
                     pick = chosen(_runs(infos, model, seed, method), ref, delta) or base[0]
@@ -307,6 +348,35 @@ def finish(proto: dict[str, Any], seeds: list[dict[str, Any]], infos: dict[str, 
                         "val_acc": pick["val_acc"],
                         "strength": pick["strength"],
                     }
+
+
+def front_metrics(reference: dict[str, Any], runs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Test accuracy at each of ``LEVELS`` read off one seed's front of one method (the
+    unregularised run is its 1x point; collapsed runs are left out), and the most compression
+    reached before collapse. ``runs=None``: the unregularised arm itself, whose accuracy at
+    every level is its own (the reference of the pairs)."""
+    pts = [(1.0, reference["test_acc"])] + [
+        (r["compression"], r["test_acc"])
+        for r in runs or []
+        if r["test_acc"] > COLLAPSED and r["compression"] and math.isfinite(r["compression"])
+    ]
+    fr = front(pts)
+    out: dict[str, Any] = {"max_compression": max(c for c, _ in pts)}
+    for level in LEVELS:
+        out[f"acc_at_{level}x"] = interpolate(fr, level) if runs is not None else pts[0][1]
+    return out
+
+
+def interpolate(fr: list[tuple[float, float]], level: float) -> float | None:
+    """The front's accuracy at ``level``: linear in log10 compression between its points, the
+    first point's below it (that run compresses more, at that accuracy), None beyond it."""
+    if level <= fr[0][0]:
+        return fr[0][1]
+    for (c0, a0), (c1, a1) in itertools.pairwise(fr):
+        if c0 <= level <= c1:
+            t = (math.log10(level) - math.log10(c0)) / (math.log10(c1) - math.log10(c0))
+            return a0 + t * (a1 - a0)
+    return None
 
 
 def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -411,10 +481,14 @@ def describe(proto: dict[str, Any]) -> list[str]:
         f"per step to 0, batch {s['batch_size']}, no weight decay). Proximal strengths "
         f"{s['grids']['proximal']}; subgradient strengths {s['grids']['subgradient']} (they act "
         "through the momentum buffer, about 10x stronger). The delayed baseline starts at epoch "
-        "3. For each method and seed the strength is chosen on the validation split: the most "
-        "compression within 1 (3) points of the unregularised validation accuracy; the tables "
-        "give that run's compression and test accuracy, and the paired differences of "
-        "log10(compression).",
+        "3. Two statistics per seed and method: (1) the front: the test accuracy at 5x, 10x, 30x "
+        "and 100x compression read off the seed's accuracy/compression front (its "
+        "Pareto-optimal runs, the unregularised run as the 1x point, linear in "
+        "log10(compression); '-' where the method collapses before that compression), paired "
+        "differences against always-on and delayed L1 and against no regulariser; (2) the "
+        "strength chosen on the validation split: the most compression within 1 point of the "
+        "unregularised validation accuracy, with that run's test accuracy, paired differences "
+        "of log10(compression).",
     ]
 
 
