@@ -184,6 +184,7 @@ def run_method(
         module.protocol(quick, seeds)  # raises NotImplementedError with its message
     start_wall = time.perf_counter()
     load_start = _load_average()
+    version = _library_version()
     proto = module.protocol(quick, seeds)
     proto["quick"] = quick
     phash = protocol_hash(proto)
@@ -216,7 +217,9 @@ def run_method(
         sessions[-1]["wall_seconds"] = round(time.perf_counter() - start_wall, 1)
     _close_interrupted(sessions, done)
     _write_json(sessions_path, sessions)
-    result = assemble(name, module, proto, tasks, done, command=command, workers=workers)
+    result = assemble(
+        name, module, proto, tasks, done, command=command, workers=workers, version=version
+    )
     result["wall_seconds"] = round(sum(s["wall_seconds"] for s in sessions), 1)
     result["sessions"] = len(sessions)
     result["machine"]["load_average_start"] = load_start
@@ -330,8 +333,9 @@ def assemble(
     *,
     command: str,
     workers: int,
+    version: str = "",
 ) -> dict[str, Any]:
-    """The result JSON from the finished parts."""
+    """The result JSON from the finished parts (``version``: the library's, at the start)."""
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
     infos: dict[str, dict[str, Any]] = {}
     for task in tasks:
@@ -369,7 +373,7 @@ def assemble(
         "wall_seconds": 0.0,
         "task_cpu_seconds": round(cpu, 1),
         "torch": torch.__version__,
-        "torch_recal": _library_version(),
+        "torch_recal": version,
         "threads": 1,
         "workers": workers,
         "compile": os.environ.get("TORCH_RECAL_COMPILE", "1") != "0",
