@@ -168,6 +168,10 @@ def render(result: dict[str, Any], img: str | None = None) -> str:
     if notes:
         lines.append("")
         lines += [f"* {c['name']}: {c['detail']}" for c in notes]
+    if hasattr(module, "notes"):  # the method's reading of its own numbers
+        extra = module.notes(result)
+        if extra:
+            lines += ["", *extra]
     if img:
         lines += ["", f"![{name}: paired differences per seed]({img})"]
     return "\n".join(lines)

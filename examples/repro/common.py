@@ -136,6 +136,7 @@ def _execute(
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "finished_at": time.time(),
         "pid": os.getpid(),
+        "torch_recal": _library_version(),  # the code that computed this part
     }
 
 
@@ -373,7 +374,10 @@ def assemble(
         "wall_seconds": 0.0,
         "task_cpu_seconds": round(cpu, 1),
         "torch": torch.__version__,
-        "torch_recal": version,
+        "torch_recal": "; ".join(
+            sorted({done[t.key]["torch_recal"] for t in tasks if "torch_recal" in done[t.key]})
+        )
+        or version,
         "threads": 1,
         "workers": workers,
         "compile": os.environ.get("TORCH_RECAL_COMPILE", "1") != "0",

@@ -431,3 +431,17 @@ def extra_panels(result: dict[str, Any]) -> list:
             ax.legend(fontsize=7)
 
     return [draw]
+
+
+def notes(result: dict[str, Any]) -> list[str]:
+    """The refit's choices on the validation split (generated from the JSON)."""
+    kept = [rec["arms"]["final/sgd+refit-if-better"]["kept"] for rec in result["seeds"]
+            if "final/sgd+refit-if-better" in rec["arms"]]  # fmt: skip
+    ridges = [rec["arms"]["final/sgd+refit"]["ridge"] for rec in result["seeds"]
+              if "final/sgd+refit" in rec["arms"]]  # fmt: skip
+    if not kept:
+        return []
+    return [
+        f"The refit beat the SGD head on the validation split in {sum(kept)} of {len(kept)} "
+        f"seeds (ridges chosen: {', '.join(f'{r:g}' for r in ridges)})."
+    ]
