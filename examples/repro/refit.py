@@ -435,10 +435,9 @@ def extra_panels(result: dict[str, Any]) -> list:
 
 def notes(result: dict[str, Any]) -> list[str]:
     """The refit's choices on the validation split (generated from the JSON)."""
-    kept = [rec["arms"]["final/sgd+refit-if-better"]["kept"] for rec in result["seeds"]
-            if "final/sgd+refit-if-better" in rec["arms"]]  # fmt: skip
-    ridges = [rec["arms"]["final/sgd+refit"]["ridge"] for rec in result["seeds"]
-              if "final/sgd+refit" in rec["arms"]]  # fmt: skip
+    kept = [rec["arms"].get("final/sgd+refit-if-better", {}).get("kept") for rec in result["seeds"]]
+    ridges = [rec["arms"].get("final/sgd+refit", {}).get("ridge") for rec in result["seeds"]]
+    kept, ridges = [k for k in kept if k is not None], [r for r in ridges if r is not None]
     if not kept:
         return []
     return [
