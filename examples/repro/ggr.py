@@ -111,9 +111,9 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
         "ggr": {"weights": list(weights), "discrepancy": "cosine", "every": 1, "ema": None},
         "cost_steps": 2 if quick else 8,
         "how_chosen": "the GGR weight per seed on the validation split (grid above; after a "
-        "one-seed sizing run in which weights 0.1-1.0 all lost accuracy, the grid was moved "
-        "down to 0.01-0.3); everything else fixed in advance (the premise checks that the "
-        "15-epoch base has converged) and sized to the time budget (15 min on 2 cores)",
+        "one-seed sizing run in which weights 0.1-1.0 all lost validation accuracy, the grid "
+        "was moved down to 0.01-0.3); everything else fixed in advance (the premise checks that "
+        "the 15-epoch base has converged) and sized to the time budget (15 min on 2 cores)",
     }
     arms = ["base", "ce", *[_wname(w) for w in weights], "ggr-val", "ce-matched"]
     q = [f"{STUDY}/{a}" for a in arms]
