@@ -97,19 +97,22 @@ def render(result: dict[str, Any], img: str | None = None) -> str:
         "```",
         "",
     ]
-    load = result.get("machine", {}).get("load_average_start")
-    where = (
-        f"{result.get('workers', 2)} processes of {result['threads']} thread, "
-        f"torch {result['torch']}, CPU"
-    )
-    lines.append(
-        f"Wall time **{_minutes(result['wall_seconds'])}** ({where}; "
-        f"{_minutes(result.get('task_cpu_seconds', 0.0))} of CPU time in the tasks"
-        + (f"; load average {load[0]:.1f} at the start" if load else "")
+    machine = result.get("machine", {})
+    load0, load1 = machine.get("load_average_start"), machine.get("load_average_end")
+    workers = result.get("workers", 2)
+    text = (
+        f"Wall time **{_minutes(result['wall_seconds'])}** with {workers} processes of "
+        f"{result['threads']} thread"
+        + (f" on {machine['cpu_count']} CPU cores" if machine.get("cpu_count") else "")
+        + (f" (load average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end; the "
+           f"suite itself adds up to {workers})" if load0 and load1 else "")
+        + f"; {_minutes(result.get('task_cpu_seconds', 0.0))} of CPU time in the tasks; torch "
+        f"{result['torch']}"
         + (f"; {result['sessions']} sessions (resumed)" if result.get("sessions", 1) > 1 else "")
-        + ")."
+        + "."
         + (" **Quick mode** (`--quick`): a smoke run, not evidence." if proto.get("quick") else "")
-    )
+    )  # fmt: skip
+    lines.append(text)
     lines.append("")
     lines += module.describe(proto)
     lines.append("")
@@ -129,7 +132,7 @@ def render(result: dict[str, Any], img: str | None = None) -> str:
                 ]
                 cells.append(mean_sd(values, unit))
             rows.append(cells)
-        headers = ["arm"] + [f"{h} (mean ± sd)" for _, h, _ in columns]
+        headers = [f"arm ({len(seeds)} seeds)"] + [f"{h} (mean ± sd)" for _, h, _ in columns]
         lines += _table(headers, rows)
         lines.append("")
         pairs = [p for p in result["summary"] if p["study"] == study_name]
