@@ -357,12 +357,23 @@ def notes(result: dict[str, Any]) -> list[str]:
         mean([m["mu_spread_init"] for m in calib]),
     )
     bias, bias0 = mean([m["mu_abs"] for m in calib]), mean([m["mu_abs_init"] for m in calib])
+    first = result["seeds"][0]["arms"]
+    short = {"plain": "ResNet-20", "calibrate": "ResCNet-20", "fixed": "fixed-stats ablation",
+             "se": "SE-ResNet-20"}  # fmt: skip
+    sizes = ", ".join(
+        f"{short.get(arm.split('/')[-1], arm)} {m['params']:,}"
+        for arm, m in first.items()
+        if "params" in m
+    )
+    size_note = f"Parameters: {sizes}."
     learned = all(c["passed"] for c in result["premise"][:2])
     if learned:
         return [
             f"**Premise holds:** the calibration MLP predicts per-image statistics (spread of mu "
             f"{spread:.3g} after training, {spread0:.2g} at initialisation), so the run compares "
-            f"ResNet with a learned calibration."
+            f"ResNet with a learned calibration.",
+            "",
+            size_note,
         ]
     return [
         f"**Premise does not hold:** the calibration MLP did not learn per-image statistics "
@@ -370,5 +381,7 @@ def notes(result: dict[str, Any]) -> list[str]:
         f"initialisation); only its biases moved (mean |mu| {bias:.2g} vs {bias0:.2g}), so "
         f"`calibrate()` acted as a learned per-channel (static) calibration. This run compares "
         f"ResNet with that, not with the per-sample calibration the paper describes; the "
-        f"authors' 200-epoch schedule did not fit this budget."
+        f"authors' 200-epoch schedule did not fit this budget.",
+        "",
+        size_note,
     ]

@@ -34,6 +34,8 @@ def fmt_value(value: Any, unit: str) -> str:
         return f"{value:.4f}"
     if unit == "s":
         return f"{value:.1f}"
+    if unit == "count":
+        return f"{value:,.0f}"
     return f"{value:.4g}"
 
 
@@ -52,7 +54,7 @@ def mean_sd(values: Sequence[Any], unit: str) -> str:
     if not vals:
         return "-"
     m = sum(vals) / len(vals)
-    if len(vals) == 1:
+    if len(set(vals)) == 1:
         return fmt_value(m, unit)
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
     return f"{fmt_value(m, unit)} ± {fmt_value(sd, unit)}"
