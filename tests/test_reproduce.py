@@ -91,13 +91,17 @@ def test_minimum_detectable_effect_known_value():
     assert minimum_detectable_effect(30, 1.0) == pytest.approx(0.5292, abs=5e-4)
 
 
-def test_protocol_hash_ignores_seed_lists_only():
+def test_protocol_hash_ignores_seed_lists_and_presentation_only():
     proto = load_method("rifle").protocol(quick=True, seeds=2)
     more = load_method("rifle").protocol(quick=True, seeds=5)
     assert protocol_hash(proto) == protocol_hash(more)
     changed = copy.deepcopy(proto)
     changed["settings"]["finetune"]["lr"] = 0.02
     assert protocol_hash(changed) != protocol_hash(proto)
+    relabelled = copy.deepcopy(proto)
+    relabelled["studies"]["fashion"]["labels"]["fashion/rifle"] = "RIFLE"
+    relabelled["studies"]["fashion"]["columns"].append(["loss", "loss", ""])
+    assert protocol_hash(relabelled) == protocol_hash(proto)
 
 
 # --------------------------------------------------------------------------- schema, cards
