@@ -154,7 +154,6 @@ def _execute(
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "finished_at": time.time(),
         "pid": os.getpid(),
-        "torch_recal": _library_version(),  # the code that computed this part
     }
 
 
@@ -238,7 +237,7 @@ def run_method(
         sessions[-1]["load_end"] = _load_average()
     _close_interrupted(sessions, done)
     _write_json(sessions_path, sessions)
-    if sessions:  # the code of the sessions that ran the tasks (parts record their own)
+    if sessions:  # the code of the sessions that ran the tasks, read when each started
         version = "; ".join(dict.fromkeys(str(s.get("torch_recal", version)) for s in sessions))
     result = assemble(
         name, module, proto, tasks, done, command=command, workers=workers, version=version
@@ -400,10 +399,7 @@ def assemble(
         "wall_seconds": 0.0,
         "task_cpu_seconds": round(cpu, 1),
         "torch": torch.__version__,
-        "torch_recal": "; ".join(
-            sorted({done[t.key]["torch_recal"] for t in tasks if "torch_recal" in done[t.key]})
-        )
-        or version,
+        "torch_recal": version,
         "threads": 1,
         "workers": workers,
         "compile": os.environ.get("TORCH_RECAL_COMPILE", "1") != "0",
