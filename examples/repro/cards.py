@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -305,12 +306,13 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                     [i + 0.15], [m], yerr=[[m - lo], [hi - m]], fmt="s", color=color, capsize=4
                 )
         ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xlim(-0.5, len(pairs) - 0.3)
         ax.set_xticks(range(len(pairs)))
         ax.set_xticklabels([p["label"] for p in pairs], rotation=20, ha="right", fontsize=7)
         ax.set_ylabel(
             "b - a" + (" (points)" if unit == "accuracy" else f" ({unit})" if unit else "")
         )
-        ax.set_title(title, fontsize=9)
+        ax.set_title(textwrap.fill(title, 48), fontsize=9)
     for ax, draw in zip(axes[len(groups) : n_panels], extras, strict=True):
         draw(ax)
     fig.suptitle(f"{result['method']}: dots = seeds, squares = mean with 95 % interval", fontsize=9)
