@@ -91,13 +91,17 @@ def test_minimum_detectable_effect_known_value():
     assert minimum_detectable_effect(30, 1.0) == pytest.approx(0.5292, abs=5e-4)
 
 
-def test_protocol_hash_ignores_seed_lists_only():
+def test_protocol_hash_ignores_seed_lists_and_presentation_only():
     proto = load_method("rifle").protocol(quick=True, seeds=2)
     more = load_method("rifle").protocol(quick=True, seeds=5)
     assert protocol_hash(proto) == protocol_hash(more)
     changed = copy.deepcopy(proto)
     changed["settings"]["finetune"]["lr"] = 0.02
     assert protocol_hash(changed) != protocol_hash(proto)
+    relabelled = copy.deepcopy(proto)
+    relabelled["studies"]["fashion"]["labels"]["fashion/rifle"] = "RIFLE"
+    relabelled["studies"]["fashion"]["columns"].append(["loss", "loss", ""])
+    assert protocol_hash(relabelled) == protocol_hash(proto)
 
 
 # --------------------------------------------------------------------------- schema, cards
@@ -251,3 +255,27 @@ def test_all_quick_writes_valid_json_with_every_premise_check(tmp_path: Path):
         assert {a: m["test_acc"] for a, m in old["arms"].items()} == {
             a: m["test_acc"] for a, m in new["arms"].items()
         }
+
+
+# --------------------------------------------------------------------------- helpers
+def test_time_to_target_interpolates_between_epochs():
+    from repro.refit import time_to
+
+    curve = [{"cpu": 10.0, "test_acc": 0.5}, {"cpu": 20.0, "test_acc": 0.9}]
+    assert time_to(curve, 0.7) == pytest.approx(15.0)
+    assert time_to(curve, 0.25) == pytest.approx(5.0)  # from (0 s, accuracy 0)
+    assert time_to(curve, 0.95) is None
+
+
+def test_crop_flip_takes_a_window_of_the_padded_image():
+    import torch
+    from repro.train import crop_flip, generator
+    from torch.nn import functional as F
+
+    x = torch.randn(16, 2, 6, 5)
+    assert torch.equal(crop_flip(x, 0, generator(0), flip=False), x)
+    out = crop_flip(x, 2, generator(1))
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(len(x)):
+        windows = [padded[i, :, dy : dy + 6, dx : dx + 5] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ def fmt_value(value: Any, unit: str) -> str:
         return f"{value:.4f}"
     if unit == "s":
         return f"{value:.1f}"
+    if unit == "count":
+        return f"{value:,.0f}"
     return f"{value:.4g}"
 
 
@@ -52,7 +55,7 @@ def mean_sd(values: Sequence[Any], unit: str) -> str:
     if not vals:
         return "-"
     m = sum(vals) / len(vals)
-    if len(vals) == 1:
+    if len(set(vals)) == 1:
         return fmt_value(m, unit)
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
     return f"{fmt_value(m, unit)} ± {fmt_value(sd, unit)}"
@@ -97,19 +100,22 @@ def render(result: dict[str, Any], img: str | None = None) -> str:
         "```",
         "",
     ]
-    load = result.get("machine", {}).get("load_average_start")
-    where = (
-        f"{result.get('workers', 2)} processes of {result['threads']} thread, "
-        f"torch {result['torch']}, CPU"
-    )
-    lines.append(
-        f"Wall time **{_minutes(result['wall_seconds'])}** ({where}; "
-        f"{_minutes(result.get('task_cpu_seconds', 0.0))} of CPU time in the tasks"
-        + (f"; load average {load[0]:.1f} at the start" if load else "")
+    machine = result.get("machine", {})
+    load0, load1 = machine.get("load_average_start"), machine.get("load_average_end")
+    workers = result.get("workers", 2)
+    text = (
+        f"Wall time **{_minutes(result['wall_seconds'])}** with {workers} processes of "
+        f"{result['threads']} thread"
+        + (f" on {machine['cpu_count']} CPU cores" if machine.get("cpu_count") else "")
+        + (f" (load average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end; the "
+           f"suite itself adds up to {workers})" if load0 and load1 else "")
+        + f"; {_minutes(result.get('task_cpu_seconds', 0.0))} of CPU time in the tasks; torch "
+        f"{result['torch']}"
         + (f"; {result['sessions']} sessions (resumed)" if result.get("sessions", 1) > 1 else "")
-        + ")."
+        + "."
         + (" **Quick mode** (`--quick`): a smoke run, not evidence." if proto.get("quick") else "")
-    )
+    )  # fmt: skip
+    lines.append(text)
     lines.append("")
     lines += module.describe(proto)
     lines.append("")
@@ -129,7 +135,7 @@ def render(result: dict[str, Any], img: str | None = None) -> str:
                 ]
                 cells.append(mean_sd(values, unit))
             rows.append(cells)
-        headers = ["arm"] + [f"{h} (mean ± sd)" for _, h, _ in columns]
+        headers = [f"arm ({len(seeds)} seeds)"] + [f"{h} (mean ± sd)" for _, h, _ in columns]
         lines += _table(headers, rows)
         lines.append("")
         pairs = [p for p in result["summary"] if p["study"] == study_name]
@@ -170,6 +176,10 @@ def render(result: dict[str, Any], img: str | None = None) -> str:
     if notes:
         lines.append("")
         lines += [f"* {c['name']}: {c['detail']}" for c in notes]
+    if hasattr(module, "notes"):  # the method's reading of its own numbers
+        extra = module.notes(result)
+        if extra:
+            lines += ["", *extra]
     if img:
         lines += ["", f"![{name}: paired differences per seed]({img})"]
     return "\n".join(lines)
@@ -298,12 +308,13 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                     [i + 0.15], [m], yerr=[[m - lo], [hi - m]], fmt="s", color=color, capsize=4
                 )
         ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xlim(-0.5, len(pairs) - 0.3)
         ax.set_xticks(range(len(pairs)))
         ax.set_xticklabels([p["label"] for p in pairs], rotation=20, ha="right", fontsize=7)
         ax.set_ylabel(
             "b - a" + (" (points)" if unit == "accuracy" else f" ({unit})" if unit else "")
         )
-        ax.set_title(title, fontsize=9)
+        ax.set_title(textwrap.fill(title, 48), fontsize=9)
     for ax, draw in zip(axes[len(groups) : n_panels], extras, strict=True):
         draw(ax)
     fig.suptitle(f"{result['method']}: dots = seeds, squares = mean with 95 % interval", fontsize=9)

@@ -88,8 +88,26 @@ def seed_torch(*key: int) -> None:
     torch.manual_seed(value)
 
 
+_UNHASHED = ("seeds", "title", "labels", "columns")  # seed lists and presentation
+
+
 def protocol_hash(proto: dict[str, Any]) -> str:
-    """Hash of the protocol without its seed lists (adding seeds keeps the finished parts)."""
+    """Hash of the protocol without its seed lists (adding seeds keeps the finished parts)
+    and without its presentation (titles, labels, table columns)."""
+
+    def strip(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in _UNHASHED}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    text = json.dumps(strip(proto), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _legacy_hash(proto: dict[str, Any]) -> str:
+    """The first suite's hash (presentation included): parts written with it still count."""
 
     def strip(obj: Any) -> Any:
         if isinstance(obj, dict):
@@ -184,9 +202,10 @@ def run_method(
         module.protocol(quick, seeds)  # raises NotImplementedError with its message
     start_wall = time.perf_counter()
     load_start = _load_average()
+    version = _library_version()
     proto = module.protocol(quick, seeds)
     proto["quick"] = quick
-    phash = protocol_hash(proto)
+    phash, legacy = protocol_hash(proto), _legacy_hash(proto)
     parts_dir = out / name / "parts"
     cache_dir = out / "cache" / f"{name}-{phash}"
     tasks: list[Task] = module.tasks(proto)
@@ -198,7 +217,7 @@ def run_method(
         path = parts_dir / f"{task.key}.json"
         if path.exists():
             part = json.loads(path.read_text())
-            if part.get("protocol_hash") == phash:
+            if part.get("protocol_hash") in (phash, legacy):
                 done[task.key] = part
     todo = [t for t in tasks if t.key not in done]
     log(
@@ -207,20 +226,30 @@ def run_method(
     )
     sessions_path = out / name / "sessions.json"
     sessions = json.loads(sessions_path.read_text()) if sessions_path.exists() else []
-    sessions = [s for s in sessions if s.get("protocol_hash") == phash]
+    sessions = [s for s in sessions if s.get("protocol_hash") in (phash, legacy)]
     if todo:  # recorded before the run, so that an interrupted session still counts
         sessions.append({"protocol_hash": phash, "started_at": time.time(), "wall_seconds": None,
-                         "tasks_run": len(todo)})  # fmt: skip
+                         "tasks_run": len(todo), "load_start": load_start,
+                         "torch_recal": version})  # fmt: skip
         _write_json(sessions_path, sessions)
         _run_tasks(name, todo, done, proto, phash, parts_dir, cache_dir, data_dir, workers, log)
         sessions[-1]["wall_seconds"] = round(time.perf_counter() - start_wall, 1)
+        sessions[-1]["load_end"] = _load_average()
     _close_interrupted(sessions, done)
     _write_json(sessions_path, sessions)
-    result = assemble(name, module, proto, tasks, done, command=command, workers=workers)
+    if sessions:  # the code of the sessions that ran the tasks, read when each started
+        version = "; ".join(dict.fromkeys(str(s.get("torch_recal", version)) for s in sessions))
+    result = assemble(
+        name, module, proto, tasks, done, command=command, workers=workers, version=version
+    )
     result["wall_seconds"] = round(sum(s["wall_seconds"] for s in sessions), 1)
     result["sessions"] = len(sessions)
+    if sessions:  # the load during the runs, not during a later re-assembly
+        load_start = sessions[0].get("load_start", load_start)
     result["machine"]["load_average_start"] = load_start
-    result["machine"]["load_average_end"] = _load_average()
+    result["machine"]["load_average_end"] = (
+        sessions[-1].get("load_end") if sessions else None
+    ) or _load_average()
     errors = validate(result)
     _write_json(out / f"{name}.json", result)
     if errors:
@@ -330,8 +359,9 @@ def assemble(
     *,
     command: str,
     workers: int,
+    version: str = "",
 ) -> dict[str, Any]:
-    """The result JSON from the finished parts."""
+    """The result JSON from the finished parts (``version``: the library's, at the start)."""
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
     infos: dict[str, dict[str, Any]] = {}
     for task in tasks:
@@ -369,7 +399,7 @@ def assemble(
         "wall_seconds": 0.0,
         "task_cpu_seconds": round(cpu, 1),
         "torch": torch.__version__,
-        "torch_recal": _library_version(),
+        "torch_recal": version,
         "threads": 1,
         "workers": workers,
         "compile": os.environ.get("TORCH_RECAL_COMPILE", "1") != "0",

@@ -64,7 +64,8 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
         "n_val": 256 if quick else 2_000,
         "n_test": 256 if quick else 5_000,
         "model": "torch_recal.models.resnet20(widths=(8, 16, 32), in_chans=1, num_classes=10)",
-        "epochs": 2 if quick else 8,
+        "epochs": 2 if quick else 12,
+        "n_curve": 128 if quick else 2_000,
         "batch_size": 128,
         "lr": 0.05,
         "momentum": 0.9,
@@ -80,10 +81,12 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
             "refinement": "after every epoch pinv_refit_dense(model.fc, ..., start='current', "
             "step_size=0.5), ridge chosen on the validation split",
         },
-        "time_to_accuracy": "CPU seconds until the test accuracy curve (linear between epoch "
-        "ends) first reaches the lower of the two arms' final test accuracies minus 0.5 points",
-        "how_chosen": "the ridge on the validation split; lr, epochs and sizes fixed in "
-        "advance and sized to the time budget (10 min on 2 cores)",
+        "time_to_accuracy": "CPU seconds until the accuracy curve (measured after every epoch "
+        "on the first n_curve test images, linear in between) first reaches the lower of the "
+        "two arms' final values on it minus 0.5 points",
+        "how_chosen": "the ridge on the validation split; lr and sizes fixed in advance and "
+        "sized to the time budget (10 min on 2 cores); epochs raised from 8 to 12 after a "
+        "two-seed sizing run showed the 8-epoch baseline still improving (the premise)",
     }
     return {
         "settings": settings,
@@ -264,6 +267,7 @@ def refit_head(
 def run(ctx: Context) -> dict[str, Any]:
     s = ctx.proto["settings"]
     x, y, vx, vy, tx, ty = data(ctx)
+    cx, cy = tx[: s["n_curve"]], ty[: s["n_curve"]]  # the time-to-accuracy curves
     plain = Arm(ctx, len(y))
     pipe = Arm(ctx, len(y)) if ctx.args["timed"] else None
     rlt = None
@@ -276,16 +280,16 @@ def run(ctx: Context) -> dict[str, Any]:
     for e in range(s["epochs"]):
         bw_plain.append(plain.epoch(e, x, y))
         plain_val.append(accuracy(plain.model, vx, vy))
-        plain.curve.append({"cpu": plain.cpu, "test_acc": accuracy(plain.model, tx, ty)})
         if pipe is None or rlt is None:
             continue
+        plain.curve.append({"cpu": plain.cpu, "test_acc": accuracy(plain.model, cx, cy)})
         trainable.append(sum(rlt.trainable))
         bw_pipe.append(pipe.epoch(e, x, y))
         t0 = time.process_time()  # the per-epoch refinement counts in the pipeline's time
         h, hv = features(pipe.model, x), features(pipe.model, vx)
         refits.append(refit_head(pipe.model.fc, h, y, hv, vy, start="current", step_size=0.5))
         pipe.cpu += time.process_time() - t0
-        pipe.curve.append({"cpu": pipe.cpu, "test_acc": accuracy(pipe.model, tx, ty)})
+        pipe.curve.append({"cpu": pipe.cpu, "test_acc": accuracy(pipe.model, cx, cy)})
         if e + 1 < s["epochs"]:
             rlt.step()
     if rlt is not None:
@@ -325,11 +329,10 @@ def run(ctx: Context) -> dict[str, Any]:
         fc.bias.copy_(sgd_head[1])
     arms["final/sgd"]["train_acc"] = accuracy(plain.model, x, y)
     if pipe is not None:
-        final_plain, final_pipe = plain.curve[-1]["test_acc"], pipe.curve[-1]["test_acc"]
-        target = min(final_plain, final_pipe) - 0.005
+        target = min(plain.curve[-1]["test_acc"], pipe.curve[-1]["test_acc"]) - 0.005
         for name, arm, bw in (("time/plain", plain, bw_plain), ("time/pipeline", pipe, bw_pipe)):
             arms[name] = {
-                "test_acc": arm.curve[-1]["test_acc"],
+                "test_acc": sgd_test if arm is plain else accuracy(pipe.model, tx, ty),
                 "cpu_seconds": arm.cpu,
                 "backward_cpu_seconds": sum(bw),
                 "backward_per_epoch": bw,
@@ -423,9 +426,22 @@ def extra_panels(result: dict[str, Any]) -> list:
                 )
                 first = False
         ax.set_xlabel("training CPU seconds (one thread)")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("accuracy on the curve test images")
         ax.set_title("time to accuracy, one line per seed", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
 
     return [draw]
+
+
+def notes(result: dict[str, Any]) -> list[str]:
+    """The refit's choices on the validation split (generated from the JSON)."""
+    kept = [rec["arms"].get("final/sgd+refit-if-better", {}).get("kept") for rec in result["seeds"]]
+    ridges = [rec["arms"].get("final/sgd+refit", {}).get("ridge") for rec in result["seeds"]]
+    kept, ridges = [k for k in kept if k is not None], [r for r in ridges if r is not None]
+    if not kept:
+        return []
+    return [
+        f"The refit beat the SGD head on the validation split in {sum(kept)} of {len(kept)} "
+        f"seeds (ridges chosen: {', '.join(f'{r:g}' for r in ridges)})."
+    ]

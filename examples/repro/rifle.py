@@ -426,3 +426,21 @@ def extra_panels(result: dict[str, Any]) -> list:
 
         panels.append(draw)
     return panels
+
+
+PAPER_SMALLEST_GAIN = 0.005  # the abstract reports 0.5-2 % over plain fine-tuning
+
+
+def notes(result: dict[str, Any]) -> list[str]:
+    """How the intervals compare with the gains the paper reports (generated from the JSON)."""
+    out = []
+    for p in result["summary"]:
+        if p["b"].endswith("/rifle") and p.get("ci95"):
+            title = result["protocol"]["studies"][p["study"]].get("title", p["study"])
+            hi = p["ci95"][1]
+            verdict = "excludes" if hi < PAPER_SMALLEST_GAIN else "does not exclude"
+            out.append(
+                f"* {title}: the 95 % interval of RIFLE - fine-tune (upper end {hi * 100:+.2f} "
+                f"points) {verdict} the smallest gain the paper reports (+0.5 points)."
+            )
+    return ["Against the paper's reported gains:", "", *out] if out else []
