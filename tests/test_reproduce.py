@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from repro import METHODS, cards  # noqa: E402
 from repro.common import (  # noqa: E402
-    is_stub,
     load_method,
     minimum_detectable_effect,
     paired_summary,
@@ -33,7 +32,6 @@ from repro.common import (  # noqa: E402
     validate,
 )
 
-LIVE = [m for m in METHODS if not is_stub(load_method(m))]
 ENV = {**os.environ, "TORCH_RECAL_COMPILE": "0", "PYTHONPATH": str(ROOT)}
 
 
@@ -212,15 +210,9 @@ def test_committed_results_match_schema_and_cards():
     assert cards.stale_cards(results, ROOT / "docs" / "methods") == [], (
         "a card's generated region differs from its JSON: run `python examples/reproduce.py cards`"
     )
-    for name in LIVE:
+    for name in METHODS:
         text = cards.card_path(ROOT / "docs" / "methods", name).read_text()
         assert cards.region(text, name) is not None, f"no repro region in the {name} card"
-
-
-def test_coherent_stub_says_the_lead_fills_it(tmp_path: Path):
-    proc = _run("coherent", "--quick", "--out", str(tmp_path), cwd=tmp_path, timeout=120)
-    assert proc.returncode != 0
-    assert "NotImplementedError" in proc.stderr and "lead" in proc.stderr
 
 
 # --------------------------------------------------------------------------- quick runs
@@ -229,10 +221,8 @@ def test_all_quick_writes_valid_json_with_every_premise_check(tmp_path: Path):
     out = tmp_path / "out"
     proc = _run("all", "--quick", "--out", str(out), "--workers", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    if is_stub(load_method("coherent")):
-        assert "[coherent] skipped" in proc.stdout
-    expected_checks = {"calibration": 3, "rifle": 3, "ggr": 2, "refit": 2}
-    for name in LIVE:
+    expected_checks = {"calibration": 3, "rifle": 3, "ggr": 2, "refit": 2, "coherent": 6}
+    for name in METHODS:
         result = json.loads((out / f"{name}.json").read_text())
         assert validate(result) == [], name
         assert result["protocol"]["quick"] is True

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from repro import METHODS
-from repro.common import is_stub, load_method, run_method
+from repro.common import run_method
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,10 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     for name in names:
-        module = load_method(name)
-        if args.command == "all" and is_stub(module):
-            print(f"[{name}] skipped: its protocol is not written yet ({module.STUB_REASON})")
-            continue
         run_method(
             name,
             out=out,

@@ -180,10 +180,6 @@ def load_method(name: str) -> ModuleType:
     return importlib.import_module(f"repro.{name}")
 
 
-def is_stub(module: ModuleType) -> bool:
-    return bool(getattr(module, "STUB", False))
-
-
 # --------------------------------------------------------------------------- run
 def run_method(
     name: str,
@@ -198,8 +194,6 @@ def run_method(
 ) -> dict[str, Any]:
     """Run (or resume) one method's protocol; write and return its result JSON."""
     module = load_method(name)
-    if is_stub(module):
-        module.protocol(quick, seeds)  # raises NotImplementedError with its message
     start_wall = time.perf_counter()
     load_start = _load_average()
     version = _library_version()
