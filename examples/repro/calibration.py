@@ -30,11 +30,10 @@ from repro.train import (
     accuracy,
     cosine,
     crop_flip,
-    fashion,
+    fashion_subsets,
     generator,
     set_lr,
     sgd,
-    split,
     steps_per_epoch,
     train_epoch,
 )
@@ -156,10 +155,8 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 def data(ctx: Context) -> tuple[torch.Tensor, ...]:
     s = ctx.proto["settings"]
-    ds = fashion(ctx.data_dir)
-    (tr,) = split(len(ds.train_y), [s["n_train"]], generator(ctx.seed, 1))
-    (te,) = split(len(ds.test_y), [s["n_test"]], generator(ctx.seed, 2))
-    return ds.train_x[tr], ds.train_y[tr], ds.test_x[te], ds.test_y[te]
+    x, y, _, _, tx, ty = fashion_subsets(ctx.data_dir, ctx.seed, s["n_train"], 0, s["n_test"])
+    return x, y, tx, ty
 
 
 def train_arm(ctx: Context) -> dict[str, Any]:

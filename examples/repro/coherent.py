@@ -41,7 +41,14 @@ import torch
 from torch import nn
 
 from repro.common import Context, Task, check, mean, seed_torch
-from repro.train import accuracy, cosine, fashion, generator, set_lr, split, steps_per_epoch
+from repro.train import (
+    accuracy,
+    cosine,
+    fashion_subsets,
+    generator,
+    set_lr,
+    steps_per_epoch,
+)
 from repro.train import train_epoch as _train_epoch
 from torch_recal import CoherentStrongReg, compression_report
 
@@ -217,17 +224,8 @@ def make_model(name: str) -> nn.Module:
 
 def _data(ctx: Context, model: str) -> tuple[torch.Tensor, ...]:
     s = ctx.proto["settings"]
-    ds = fashion(ctx.data_dir)
-    tr, va = split(len(ds.train_y), [s["n_train"][model], s["n_val"]], generator(ctx.seed, 1))
-    (te,) = split(len(ds.test_y), [s["n_test"]], generator(ctx.seed, 2))
-    return (
-        ds.train_x[tr],
-        ds.train_y[tr],
-        ds.train_x[va],
-        ds.train_y[va],
-        ds.test_x[te],
-        ds.test_y[te],
-    )
+    n_train = s["n_train"][model]
+    return fashion_subsets(ctx.data_dir, ctx.seed, n_train, s["n_val"], s["n_test"])
 
 
 def _one_run(

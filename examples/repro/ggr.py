@@ -33,11 +33,10 @@ from repro.train import (
     accuracy,
     batches,
     cosine,
-    fashion,
+    fashion_subsets,
     generator,
     set_lr,
     sgd,
-    split,
     steps_per_epoch,
     train_epoch,
 )
@@ -177,17 +176,7 @@ def tasks(proto: dict[str, Any]) -> list[Task]:
 
 def data(ctx: Context) -> tuple[torch.Tensor, ...]:
     s = ctx.proto["settings"]
-    ds = fashion(ctx.data_dir)
-    tr, va = split(len(ds.train_y), [s["n_train"], s["n_val"]], generator(ctx.seed, 1))
-    (te,) = split(len(ds.test_y), [s["n_test"]], generator(ctx.seed, 2))
-    return (
-        ds.train_x[tr],
-        ds.train_y[tr],
-        ds.train_x[va],
-        ds.train_y[va],
-        ds.test_x[te],
-        ds.test_y[te],
-    )
+    return fashion_subsets(ctx.data_dir, ctx.seed, s["n_train"], s["n_val"], s["n_test"])
 
 
 def _ggr_loss(ggr: GenerativeGradientLoss):

@@ -50,6 +50,25 @@ def split(n: int, sizes: Sequence[int], gen: torch.Generator) -> list[torch.Tens
     return out
 
 
+def fashion_subsets(
+    data_dir: str | None, seed: int, n_train: int, n_val: int, n_test: int
+) -> tuple[torch.Tensor, ...]:
+    """A seed's Fashion-MNIST subsets: disjoint train and validation sets drawn from the
+    training images, a test set from the test images; ``(x, y, val_x, val_y, test_x, test_y)``.
+    """
+    ds = fashion(data_dir)
+    tr, va = split(len(ds.train_y), [n_train, n_val], generator(seed, 1))
+    (te,) = split(len(ds.test_y), [n_test], generator(seed, 2))
+    return (
+        ds.train_x[tr],
+        ds.train_y[tr],
+        ds.train_x[va],
+        ds.train_y[va],
+        ds.test_x[te],
+        ds.test_y[te],
+    )
+
+
 def pick_classes(
     x: torch.Tensor, y: torch.Tensor, classes: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
