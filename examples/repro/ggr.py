@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import torch
+from ggr import SmallCNN  # examples/ggr.py: the same model as the example
 from torch import nn
 from torch.nn import functional as F
 
@@ -46,28 +47,6 @@ CARD = "generative.md"
 STUDY = "fashion"
 WEIGHTS_FULL = (0.01, 0.03, 0.1, 0.3)
 WEIGHTS_QUICK = (0.1, 1.0)
-
-
-class SmallCNN(nn.Module):
-    """conv1 (1 -> 16, 3x3) + two strided conv stages + global pooling + linear head."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.features = nn.Sequential(
-            nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(64),
-            nn.ReLU(),
-        )
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(torch.relu(self.bn1(self.conv1(x))))
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 def _wname(w: float) -> str:
