@@ -201,6 +201,35 @@ def test_cards_region_is_rewritten_from_json_and_detected_when_stale(tmp_path: P
     assert cards.stale_cards(results, card_dir) == ["refit"]
 
 
+def test_readme_evidence_table_lists_each_headline_pair_from_the_json(tmp_path: Path):
+    result = _fake_result("refit")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "refit.json").write_text(json.dumps(result))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- repro:summary:begin -->\n<!-- repro:summary:end -->\nend\n")
+    assert cards.summary_stale(results, readme)
+    assert cards.update_summary(results, readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("end\n")
+    rows = [line for line in text.splitlines() if line.startswith("| [refit]")]
+    wanted = load_method("refit").HEADLINE
+    assert len(rows) == len(wanted)
+    first = next(p for p in result["summary"] if (p["study"], p["label"]) == wanted[0])
+    lo, hi = first["ci95"]
+    # hand-formatted: accuracy differences in points with a sign, two decimals
+    assert f"| {first['n']} | {first['mean'] * 100:+.2f} points | " in rows[0]
+    assert f"[{lo * 100:+.2f}, {hi * 100:+.2f}]" in rows[0]
+    assert not cards.summary_stale(results, readme)
+    first["mean"] += 0.01
+    (results / "refit.json").write_text(json.dumps(result))
+    assert cards.summary_stale(results, readme)
+    result["summary"] = [p for p in result["summary"] if p["label"] != wanted[0][1]]
+    (results / "refit.json").write_text(json.dumps(result))
+    with pytest.raises(ValueError, match="HEADLINE"):
+        cards.update_summary(results, readme)
+
+
 def test_committed_results_match_schema_and_cards():
     results = ROOT / "docs" / "results"
     found = sorted(p.stem for p in results.glob("*.json"))
@@ -209,6 +238,9 @@ def test_committed_results_match_schema_and_cards():
         assert errors == [], f"docs/results/{name}.json: {errors}"
     assert cards.stale_cards(results, ROOT / "docs" / "methods") == [], (
         "a card's generated region differs from its JSON: run `python examples/reproduce.py cards`"
+    )
+    assert not cards.summary_stale(results, ROOT / "README.md"), (
+        "README evidence table differs from the JSON: run `python examples/reproduce.py cards`"
     )
     for name in METHODS:
         text = cards.card_path(ROOT / "docs" / "methods", name).read_text()

@@ -41,6 +41,10 @@ from torch_recal import ResponseCalibration, calibrate
 from torch_recal.models import resnet20
 
 CARD = "calibration.md"
+HEADLINE = (
+    ("fashion", "ResCNet - plain"),
+    ("fashion", "ResCNet - SE"),
+)  # (study, pair label) shown in the README
 STUDY = "fashion"
 ARMS = ("plain", "calibrate", "fixed", "se")
 LABELS = {

@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--results", default="docs/results", help="directory of <method>.json")
     c.add_argument("--cards", default="docs/methods", help="directory of the method cards")
     c.add_argument("--img", default="docs/img", help="where repro-<method>.png are written")
+    c.add_argument("--readme", default="README.md", help="the README with the evidence table")
     c.add_argument(
         "--check",
         action="store_true",
@@ -73,9 +74,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{cards.card_path(card_dir, name)}: region differs from {results}/{name}.json"
                 )
+            readme = Path(args.readme)
+            if cards.summary_stale(results, readme):
+                print(f"{readme}: the evidence table differs from {results}/*.json")
+                return 1
             return 1 if stale else 0
         done = cards.update_cards(results, card_dir, Path(args.img))
         print(f"updated the cards of: {', '.join(done) or 'nothing (no JSON found)'}")
+        if cards.update_summary(results, Path(args.readme)):
+            print(f"updated the evidence table in {args.readme}")
         return 0
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")

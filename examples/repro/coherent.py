@@ -79,6 +79,15 @@ MODELS = {
     "mlp5": {"methods": list(METHODS), "n_train": 10_000},
     "cnn": {"methods": [m for m in METHODS if m != "ratio"], "n_train": 5_000},
 }
+HEADLINE = tuple(
+    (f"{m}-front", label)
+    for m in MODELS
+    for label in (
+        "coherent - always-prox: accuracy at 10x",
+        "coherent - delayed: accuracy at 10x",
+        "coherent at 5x - no regulariser",
+    )
+)  # (study, pair label) shown in the README
 BASELINES = ("always-prox", "delayed", "always-sub")
 DELTAS = (1,)  # accuracy points below the unregularised model (validation)
 LEVELS = (5, 10, 30, 100)  # compression levels at which the fronts are compared

@@ -44,6 +44,10 @@ from repro.train import (
 from torch_recal import GenerativeGradientLoss, ReferenceDecoder, first_layer_filter_stats
 
 CARD = "generative.md"
+HEADLINE = (
+    ("fashion", "GGR (val) - CE"),
+    ("fashion", "GGR (val) - CE compute-matched"),
+)  # (study, pair label) shown in the README
 STUDY = "fashion"
 WEIGHTS_FULL = (0.01, 0.03, 0.1, 0.3)
 WEIGHTS_QUICK = (0.1, 1.0)

@@ -50,6 +50,11 @@ from torch_recal import RandomLayerTraining, pinv_refit_dense
 from torch_recal.models import resnet20
 
 CARD = "refit.md"
+HEADLINE = (
+    ("final", "refit - SGD"),
+    ("final", "refit if better - SGD"),
+    ("time", "pipeline - plain: CPU time to target"),
+)  # (study, pair label) shown in the README
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 

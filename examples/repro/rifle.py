@@ -49,6 +49,10 @@ from repro.train import (
 from torch_recal import RifleScheduler
 
 CARD = "rifle.md"
+HEADLINE = (
+    ("fashion", "RIFLE - fine-tune"),
+    ("mnist", "RIFLE - fine-tune"),
+)  # (study, pair label) shown in the README
 SOURCE, TARGET = (5, 6, 7, 8, 9), (0, 1, 2, 3, 4)
 TRANSFERS = ("fashion", "mnist")
 ARMS = ("fine-tune", "rifle", "rifle-cyclic")
