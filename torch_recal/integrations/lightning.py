@@ -50,11 +50,13 @@ from torch_recal._batches import BatchFn
 from torch_recal.coherent import CoherentStrongReg
 from torch_recal.generative import GenerativeGradientLoss
 from torch_recal.integrations._common import (
+    HeadSpec,
+    LayersSpec,
+)
+from torch_recal.integrations._drivers import (
     CalibrateDriver,
     CoherentDriver,
     GGRDriver,
-    HeadSpec,
-    LayersSpec,
     RandomLayerDriver,
     RefitDriver,
     RifleDriver,

@@ -49,17 +49,19 @@ from torch_recal._checks import check_instance
 from torch_recal.coherent import CoherentStrongReg
 from torch_recal.generative import GenerativeGradientLoss
 from torch_recal.integrations._common import (
-    CalibrateDriver,
-    CoherentDriver,
-    GGRDriver,
     HeadSpec,
     LayersSpec,
-    RandomLayerDriver,
-    RefitDriver,
-    RifleDriver,
     completed_epochs,
     from_json,
     to_json,
+)
+from torch_recal.integrations._drivers import (
+    CalibrateDriver,
+    CoherentDriver,
+    GGRDriver,
+    RandomLayerDriver,
+    RefitDriver,
+    RifleDriver,
 )
 from torch_recal.layer_sampling import RandomLayerTraining
 from torch_recal.refit import RefitResult
