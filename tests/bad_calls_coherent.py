@@ -52,6 +52,9 @@ CASES += [
     _ctor(ValueError, "`window`", window=0),
     _ctor(TypeError, "`reactivate`", reactivate="no"),
     _ctor(ValueError, "`delay`", delay=-1),
+    _ctor(TypeError, "`freeze_below`", freeze_below="0.1"),
+    _ctor(ValueError, "`freeze_below`", freeze_below=1.0),
+    _ctor(ValueError, "`freeze_below`", freeze_below=0.0),
     _ctor(ValueError, "`lr`", lr=-1.0),
     _ctor(TypeError, "`optimizer`", optimizer="sgd"),
     _ctor(TypeError, "`scaler`", scaler=object()),
@@ -197,6 +200,9 @@ CASES += [
     _load(ValueError, "`cost_ema`", cost_ema=float("nan")),
     _load(ValueError, "`cost_ema`", cost_ema=None),  # progress_ema is set
     _load(ValueError, "`ramp_start`", ramp_start=3),  # warmup=0 fixes it at delay
+    _load(ValueError, "`frozen_at`", frozen_at=99),  # a step not taken yet
+    _load(ValueError, "`is_active`", frozen_at=0, is_active=True),  # frozen means off
+    _load(ValueError, "`peak_lr`", peak_lr=0.0),
     _load(ValueError, "`state_dict`", history=[]),
     Bad(
         f"{_REG}.load_state_dict",

@@ -8,6 +8,7 @@ trainings (it stays on while learning converges; it switches off when training c
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -872,3 +873,88 @@ def test_example_smoke_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "compression" in out.stdout
     assert any(tmp_path.glob("*.png"))
+
+
+# --------------------------------------------------------------------------- freeze_below
+def _decayed_run(freeze_below, lrs, strength=0.05, seed=0):
+    """Prox L1 always on (no warm-up), SGD with momentum, the given lr per step."""
+    model = _mlp(seed=seed, hidden=32)
+    opt = torch.optim.SGD(model.parameters(), lr=lrs[0], momentum=0.9)
+    reg = CoherentStrongReg(model.named_parameters(), strength=strength, optimizer=opt,
+                            criterion="always", warmup=0, freeze_below=freeze_below)  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+               for _ in lrs]  # fmt: skip
+    return model, opt, reg, batches
+
+
+def _train(model, opt, reg, batches, lrs, start=0):
+    with reg.attach():
+        for i in range(start, len(lrs)):
+            for group in opt.param_groups:
+                group["lr"] = lrs[i]
+            x, y = batches[i]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+
+def test_freeze_below_keeps_the_zero_pattern_and_stops_the_shrinkage():
+    """After the lr falls below a tenth of its peak, every step equals plain SGD (momentum
+    and all) followed by re-zeroing the weights that were zero when the pattern froze:
+    checked against a hand-run copy of the model and optimizer."""
+    lrs = [0.5] * 6 + [0.04] * 6  # 0.04 < 0.1 * 0.5: frozen from step 6 on
+    model, opt, reg, batches = _decayed_run(0.1, lrs)
+    _train(model, opt, reg, batches, lrs[:6])
+    assert not reg.frozen and reg.is_active
+    # the reference: a copy of model and optimizer, no regulariser, masked by hand
+    ref_model = _mlp(seed=0, hidden=32)
+    ref_model.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.04, momentum=0.9)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # its own momentum buffers
+    weights = [ref_model[0].weight, ref_model[2].weight]
+    masks = [w.detach() == 0 for w in weights]
+    assert sum(int(m.sum()) for m in masks) > 20  # the L1 phase made zeros
+    unmasked = _mlp(seed=0, hidden=32)  # plain SGD without the mask, to show it matters
+    unmasked.load_state_dict(model.state_dict())
+    unmasked_opt = torch.optim.SGD(unmasked.parameters(), lr=0.04, momentum=0.9)
+    unmasked_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for i in range(6, 12):
+        x, y = batches[i]
+        for m, o in ((ref_model, ref_opt), (unmasked, unmasked_opt)):
+            for group in o.param_groups:
+                group["lr"] = lrs[i]
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+        with torch.no_grad():
+            for w, mask in zip(weights, masks, strict=True):
+                w[mask] = 0.0
+    _train(model, opt, reg, batches, lrs, start=6)
+    assert reg.frozen and reg.state_dict()["frozen_at"] == 6 and not reg.is_active
+    assert reg.strength_now == 0.0
+    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    regrown = sum(int((w != 0)[m].sum()) for w, m in zip(
+        [unmasked[0].weight, unmasked[2].weight], masks, strict=True))  # fmt: skip
+    assert regrown > 0  # momentum alone would have moved some pruned weights again
+    assert [h.get("frozen", False) for h in reg.history] == [False] * 6 + [True] * 6
+
+
+@pytest.mark.parametrize(
+    ("freeze_below", "lrs", "frozen_at"),
+    [
+        (0.1, [0.01, 0.1, 0.1, 0.011, 0.0099, 0.1], 4),  # the peak includes a warm-up's rise
+        (0.1, [0.1] * 6, None),  # constant lr: never
+        (None, [0.1, 0.1, 0.001, 0.001], None),  # switched off
+        (0.5, [0.1, 0.06, 0.049, 0.1], 2),
+    ],
+)
+def test_freeze_below_freezes_at_the_first_step_below_the_fraction_of_the_peak(
+    freeze_below, lrs, frozen_at
+):
+    model, opt, reg, batches = _decayed_run(freeze_below, lrs)
+    _train(model, opt, reg, batches, lrs)
+    assert reg.state_dict()["frozen_at"] == frozen_at
+    assert reg.frozen == (frozen_at is not None)
+    assert reg.state_dict()["peak_lr"] == pytest.approx(max(lrs[: frozen_at or len(lrs)]))

@@ -253,7 +253,7 @@ def test_all_quick_writes_valid_json_with_every_premise_check(tmp_path: Path):
     out = tmp_path / "out"
     proc = _run("all", "--quick", "--out", str(out), "--workers", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    expected_checks = {"calibration": 3, "rifle": 3, "ggr": 2, "refit": 2, "coherent": 6}
+    expected_checks = {"calibration": 3, "rifle": 3, "ggr": 2, "refit": 2, "coherent": 7}
     for name in METHODS:
         result = json.loads((out / f"{name}.json").read_text())
         assert validate(result) == [], name

@@ -122,17 +122,36 @@ class CoherentStrongRegWorld(World):
     def advance(self, i: int) -> None:
         assert self.model is not None and self.optimizer is not None
         _train_step(self.model, self.optimizer, i)
-        if i == self.steps - 1:
-            assert all(v is not None for v in self.piece.state_dict().values())
+        if i == self.steps - 1:  # constant lr: the zero pattern is never frozen
+            state = self.piece.state_dict()
+            assert all(v is not None for k, v in state.items() if k != "frozen_at")
 
     @classmethod
     def bad_values(cls, key: str, value: Any) -> list[Any]:
+        if key == "peak_lr":  # None (no learning rate seen yet) is valid; <= 0 is not
+            return ["x", float("nan"), float("inf"), 0.0, -0.5]
+        if key == "frozen_at":  # None (not frozen) is valid; a step not yet taken is not
+            return ["x", -7, 1.5, 10**6]
         if isinstance(value, float):  # the averages may be negative: only non-finite is wrong
             return ["x", None, float("nan"), float("inf")]
         return _bad_values(value)
 
 
-WORLDS.append(CoherentStrongRegWorld)
+class FrozenCoherentWorld(CoherentStrongRegWorld):
+    """The learning rate drops to a twentieth after step 5: the zero pattern is frozen
+    before the save, and the resumed run keeps it."""
+
+    def advance(self, i: int) -> None:
+        assert self.model is not None and self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.5 if i < 6 else 0.025
+        _train_step(self.model, self.optimizer, i)
+        if i == self.steps - 1:
+            assert all(v is not None for v in self.piece.state_dict().values())
+            assert self.piece.frozen and self.piece.state_dict()["frozen_at"] == 6
+
+
+WORLDS.extend([CoherentStrongRegWorld, FrozenCoherentWorld])
 
 
 # --------------------------------------------------------------------------- RifleScheduler

@@ -102,6 +102,8 @@ class Pending:
     signs: list[Tensor] | None = None  # sign(w) before the step (L1 subgradient truncation)
     leave_zero: list[Tensor] | None = None  # zeros allowed to leave zero (L1 subgradient)
     ratio_stats: dict[str, float] = field(default_factory=dict)
+    zeros: list[Tensor] | None = None  # frozen zero pattern: masks of the zeros before the step
+    peak_lr: float | None = None  # the peak learning rate including this step's
 
 
 def dots(a: list[Tensor], b: list[Tensor]) -> Tensor:
@@ -227,6 +229,14 @@ def check_gate_state(
         )
     if new["ramp_start"] is not None and new["ramp_start"] > max(new["num_steps"], delay):
         raise ValueError(f"{who}: `ramp_start` must be <= `num_steps`, got {new}")
+    new["peak_lr"] = check_optional_real(state["peak_lr"], "peak_lr", who=who, minimum=0,
+                                         open_low=True)  # fmt: skip
+    new["frozen_at"] = check_optional_int(state["frozen_at"], "frozen_at", who=who, minimum=0)
+    if new["frozen_at"] is not None:
+        if new["frozen_at"] >= new["num_steps"]:
+            raise ValueError(f"{who}: `frozen_at` must be < `num_steps`, got {new}")
+        if new["is_active"]:
+            raise ValueError(f"{who}: `is_active` must be False once `frozen_at` is set")
     return new
 
 

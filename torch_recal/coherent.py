@@ -106,6 +106,12 @@ class CoherentStrongReg:
       for L1); it measured poorly and is kept by name;
     * ``"always"``: on at every step after ``delay`` (the plain and delayed baselines).
 
+    At the end of a decayed learning-rate schedule (``freeze_below``, default 0.1: once the
+    learning rate is below a tenth of the largest it has been) the regulariser stops for good
+    and the weights that are exactly zero stay zero: the zero pattern is frozen and the other
+    weights finish training without the penalty's shrinkage. With a constant learning rate
+    this never happens.
+
     Which tensors: by default (``weights_only=True``) the weights of conv/linear layers,
     told apart from biases and norm parameters as the tensors with at least 2 dims whose
     name does not end in ``bias`` (embeddings are 2-D too: pass explicit pairs to exclude
@@ -135,6 +141,10 @@ class CoherentStrongReg:
         window: ``"ratio"``: consecutive incoherent (coherent) steps to switch off (on).
         reactivate: ``"ratio"``: switch back on after ``window`` coherent steps.
         delay: steps without any regularisation first (Delayed Strong Regularization).
+        freeze_below: freeze the zero pattern and stop the regulariser for good once the
+            learning rate (the largest over the regularised tensors' groups) falls below
+            this fraction of its peak, in ``(0, 1)``; ``None``: never. Needs the learning
+            rate (``optimizer`` or ``lr``).
         lr: learning rate for the proximal and decay steps when no ``optimizer`` is given.
         optimizer: the optimizer; its per-group learning rates are read at every step, and
             :meth:`attach` hooks into it.
@@ -180,6 +190,7 @@ class CoherentStrongReg:
         window: int = 2,
         reactivate: bool = True,
         delay: int = 0,
+        freeze_below: float | None = 0.1,
         lr: float | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         scaler: Any | None = None,
@@ -212,6 +223,10 @@ class CoherentStrongReg:
         self.window = check_int(window, "window", who=_WHO, minimum=1)
         self.reactivate = check_flag(reactivate, "reactivate", who=_WHO)
         self.delay = check_int(delay, "delay", who=_WHO, minimum=0)
+        self.freeze_below = check_optional_real(
+            freeze_below, "freeze_below", who=_WHO, minimum=0, maximum=1, open_low=True,
+            open_high=True,
+        )  # fmt: skip
         self.lr = check_optional_real(lr, "lr", who=_WHO, minimum=0, open_low=True)
         if optimizer is not None:
             check_instance(optimizer, "optimizer", torch.optim.Optimizer, who=_WHO)
@@ -243,6 +258,8 @@ class CoherentStrongReg:
             "peak_progress": None,
             "ramp_start": None if self.warmup == "auto" else self.delay,
             "ramp_length": None if self.warmup == "auto" else int(self.warmup),
+            "peak_lr": None,
+            "frozen_at": None,
         }
 
     @property
@@ -257,14 +274,20 @@ class CoherentStrongReg:
 
     @property
     def is_active(self) -> bool:
-        """Whether the gate lets the regulariser act at the next step (after ``delay`` and
-        once the warm-up has started)."""
-        return bool(self._state["is_active"]) and self._started(self.num_steps)
+        """Whether the gate lets the regulariser act at the next step (after ``delay``, once
+        the warm-up has started, and before the zero pattern is frozen)."""
+        return bool(self._state["is_active"]) and self._started(self.num_steps) and not self.frozen
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the zero pattern is frozen (``freeze_below``): no more regularisation,
+        and exact zeros stay zero."""
+        return self._state["frozen_at"] is not None
 
     @property
     def strength_now(self) -> float:
         """The strength the next step would use (ramped during the warm-up)."""
-        return self.strength * self._ramp(self.num_steps)
+        return 0.0 if self.frozen else self.strength * self._ramp(self.num_steps)
 
     @property
     def _needs_lr(self) -> bool:
@@ -398,9 +421,15 @@ class CoherentStrongReg:
         params: list[Tensor] = [p for _, p in live]
         local = [_dist.local_tensor(p) for p in params]  # FSDP2: this rank's slices (views)
         grads: list[Tensor] = [_dist.local_tensor(p.grad) for p in params]  # type: ignore[arg-type]
-        if self._needs_lr:
-            self._lrs(names, params, who)  # fail now, not after the optimizer's step
+        lrs = self._lrs(names, params, who) if self._lr_known else []  # fail now, not later
         step = self.num_steps
+        if self.frozen or self._freezes_now(lrs):
+            # the zero pattern is (now) frozen: remember the zeros, after_step() keeps them
+            nothing = local[0].new_zeros((), dtype=torch.float64)
+            zeros = [w == 0 for w in local]
+            self._pending = Pending(names, params, nothing, False, 0.0, zeros=zeros,
+                                    peak_lr=max(lrs, default=None))  # fmt: skip
+            return
         strength = self.strength * self._ramp(step)
         ratio_stats: dict[str, float] = {}
         if self.criterion == "ratio":
@@ -409,7 +438,10 @@ class CoherentStrongReg:
         if self.criterion == "always":
             active = self._started(step) and strength > 0
         before = sum_over_tensors(dots(grads, local), params)
-        pending = Pending(names, params, before, active, strength, ratio_stats=ratio_stats)
+        peak = max([*lrs, self._state["peak_lr"] or 0.0]) if lrs else self._state["peak_lr"]
+        pending = Pending(
+            names, params, before, active, strength, ratio_stats=ratio_stats, peak_lr=peak
+        )
         if active and (self.kind == "l2" or self.l1_mode == "subgradient"):
             pending.added = self._add_to_grad_(grads, local, strength, pending)
         self._pending = pending
@@ -429,9 +461,11 @@ class CoherentStrongReg:
             raise RuntimeError(f"{who}: called without step(); call step() first (or attach())")
         step = self.num_steps
         local = [_dist.local_tensor(p) for p in pending.params]
+        if pending.zeros is not None:
+            self._keep_zeros(step, local, pending)
+            return
         grads: list[Tensor] = [_dist.local_tensor(p.grad) for p in pending.params]  # type: ignore[arg-type]
-        known = self._needs_lr or self.optimizer is not None or self.lr is not None
-        lrs = self._lrs(pending.names, pending.params, who) if known else []
+        lrs = self._lrs(pending.names, pending.params, who) if self._lr_known else []
         added = pending.added
         after = dots(grads, local)
         if added is not None:  # <g_loss, w> = <g_loss + added, w> - <added, w>
@@ -484,12 +518,43 @@ class CoherentStrongReg:
             truncate_(local, pending.signs, pending.leave_zero)
         self._update(step, progress, cost_sum, pending)
 
+    @property
+    def _lr_known(self) -> bool:
+        return self._needs_lr or self.optimizer is not None or self.lr is not None
+
+    def _freezes_now(self, lrs: list[float]) -> bool:
+        """``freeze_below``: whether this step's learning rate is below the fraction of the
+        peak (the peak including this step's)."""
+        if self.freeze_below is None or not lrs:
+            return False
+        lr, peak = max(lrs), max([*lrs, self._state["peak_lr"] or 0.0])
+        return lr < self.freeze_below * peak
+
+    def _keep_zeros(self, step: int, local: list[Tensor], pending: Pending) -> None:
+        """A step with the zero pattern frozen: the weights that were zero before the
+        optimizer's step are zero again; the first such step freezes the pattern."""
+        for w, zero in zip(local, pending.zeros or [], strict=True):
+            w.masked_fill_(zero, 0.0)
+        s = self._state
+        if s["frozen_at"] is None:
+            s["frozen_at"], s["is_active"] = step, False
+            s["peak_lr"] = max(pending.peak_lr or 0.0, s["peak_lr"] or 0.0) or None
+            _log.info(
+                "CoherentStrongReg: zero pattern frozen at step %d (learning rate below %g of "
+                "its peak %g); no more regularisation",
+                step,
+                self.freeze_below,
+                s["peak_lr"],
+            )
+        s["num_steps"] = step + 1
+        self.history.append({"step": step, "active": False, "strength": 0.0, "frozen": True})
+
     def _wipe_out(self, step: int, names: list[str], pending: Pending) -> None:
         """The proximal step would have zeroed every remaining weight of ``names``: it is not
         taken, the regulariser goes off, and the averages start afresh."""
         s = self._state
         s["is_active"], s["cost_ema"], s["progress_ema"] = False, None, None
-        s["num_steps"] = step + 1
+        s["num_steps"], s["peak_lr"] = step + 1, pending.peak_lr
         self.history.append({"step": step, "active": False, "strength": 0.0, "wiped": names})
         _log.info(
             "CoherentStrongReg: regulariser off after step %d: its step would have zeroed "
@@ -528,6 +593,7 @@ class CoherentStrongReg:
             elif not s["is_active"] and s["cost_ema"] < self.resume_undo * s["progress_ema"]:
                 s["is_active"] = True
         s["num_steps"] = step + 1
+        s["peak_lr"] = pending.peak_lr
         undo = cost / progress if progress else math.inf if cost > 0 else 0.0
         self.history.append(
             {

@@ -41,6 +41,7 @@ class CoherentOptions(TypedDict, total=False):
     window: int
     reactivate: bool
     delay: int
+    freeze_below: float | None
     weights_only: bool
     history_size: int
 
