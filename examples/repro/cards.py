@@ -67,6 +67,8 @@ def verdict(p: dict[str, Any]) -> str:
         return "too few seeds"
     if p["resolved"]:
         word = "higher" if p["direction"] == "+" else "lower"
+        if p.get("expected") not in ("+", "-"):  # a measured cost, no direction claimed
+            return f"**{word}** (resolved)"
         if p["direction_reproduced"]:
             return f"**direction reproduced** ({word})"
         return f"**opposite direction** ({word})"
