@@ -100,6 +100,20 @@ def _names(spec: Any) -> str:
     return ",".join(s if isinstance(s, str) else type(s).__name__ for s in items)
 
 
+class _DriverCallback(pl.Callback):
+    """A callback whose state is its driver's (saved in Lightning's checkpoints)."""
+
+    _driver: Any  # a driver of ``_drivers.py``, set by the subclass
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self._driver.state_dict()  # type: ignore[no-any-return]
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._driver.load_state_dict(state_dict)
+
+
 class CalibrateCallback(pl.Callback):
     """Insert :class:`~torch_recal.ResponseCalibration` layers when the fit starts.
 
@@ -144,7 +158,7 @@ class CalibrateCallback(pl.Callback):
         self._driver.apply(pl_module)
 
 
-class RifleCallback(pl.Callback):
+class RifleCallback(_DriverCallback):
     """RIFLE: re-initialise the classifier head a few times during fine-tuning.
 
     Builds a :class:`~torch_recal.RifleScheduler` when the fit starts and steps it after every
@@ -228,16 +242,8 @@ class RifleCallback(pl.Callback):
         if self._driver.unit == "epoch":
             self._driver.sync(trainer.current_epoch + 1)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return self._driver.state_dict()
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._driver.load_state_dict(state_dict)
-
-
-class RandomLayerCallback(pl.Callback):
+class RandomLayerCallback(_DriverCallback):
     """Fast retraining's random layer training: a new random set of trainable layers after
     every training epoch.
 
@@ -315,16 +321,8 @@ class RandomLayerCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._driver.finish()
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return self._driver.state_dict()
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._driver.load_state_dict(state_dict)
-
-
-class DenseRefitCallback(pl.Callback):
+class DenseRefitCallback(_DriverCallback):
     """Closed-form refit of a dense layer over the train data, every N epochs or at the end.
 
     After the training epochs ``every_n_epochs - 1, 2 * every_n_epochs - 1, ...`` and, with
@@ -421,14 +419,6 @@ class DenseRefitCallback(pl.Callback):
         self._driver.on_train_end(max(trainer.current_epoch - 1, 0), trainer.global_step,
                                   trainer.train_dataloader)  # fmt: skip
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return self._driver.state_dict()
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._driver.load_state_dict(state_dict)
-
 
 class GGRCallback(pl.Callback):
     """Generative gradient regularisation in a ``LightningModule``: the loss term, with its
@@ -492,7 +482,7 @@ class GGRCallback(pl.Callback):
             self._driver.ggr.load_state_dict(state_dict)
 
 
-class CoherentRegCallback(pl.Callback):
+class CoherentRegCallback(_DriverCallback):
     """Gradient-coherent strong L1/L2 regularisation for a Lightning fit.
 
     Builds a :class:`~torch_recal.CoherentStrongReg` when the fit starts, over the
@@ -558,11 +548,3 @@ class CoherentRegCallback(pl.Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._driver.detach()
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return self._driver.state_dict()
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._driver.load_state_dict(state_dict)

@@ -99,13 +99,15 @@ def hf_batch(batch: Any) -> tuple[Any, Any]:
 
 
 class _Stateful(TrainerCallback, ExportableState):  # type: ignore[misc]
-    """Saves ``_state()`` in ``trainer_state.json`` and finds it again on resume."""
+    """Saves its driver's state in ``trainer_state.json`` and finds it again on resume."""
+
+    _driver: Any  # a driver of ``_drivers.py``, set by the subclass
 
     def _state(self) -> dict[str, Any]:
-        raise NotImplementedError
+        return self._driver.state_dict()  # type: ignore[no-any-return]
 
     def _load(self, state: Mapping[str, Any]) -> None:
-        raise NotImplementedError
+        self._driver.load_state_dict(state)
 
     def state_dict(self) -> dict[str, Any]:
         """The piece's state as plain data (what the checkpoints hold, before JSON)."""
@@ -252,12 +254,6 @@ class RifleCallback(_Stateful):
         """The scheduler (built in ``on_train_begin``)."""
         return self._driver.piece  # type: ignore[no-any-return]
 
-    def _state(self) -> dict[str, Any]:
-        return self._driver.state_dict()
-
-    def _load(self, state: Mapping[str, Any]) -> None:
-        self._driver.load_state_dict(state)
-
     @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         saved = self._saved(args, state)
@@ -325,12 +321,6 @@ class RandomLayerCallback(_Stateful):
     def layer_training(self) -> RandomLayerTraining | None:
         """The per-epoch draw (built in ``on_train_begin``)."""
         return self._driver.piece  # type: ignore[no-any-return]
-
-    def _state(self) -> dict[str, Any]:
-        return self._driver.state_dict()
-
-    def _load(self, state: Mapping[str, Any]) -> None:
-        self._driver.load_state_dict(state)
 
     @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -404,12 +394,6 @@ class DenseRefitCallback(_Stateful):
     def last_result(self) -> RefitResult | None:
         """The result of the last refit in this process."""
         return self._driver.last_result
-
-    def _state(self) -> dict[str, Any]:
-        return self._driver.state_dict()
-
-    def _load(self, state: Mapping[str, Any]) -> None:
-        self._driver.load_state_dict(state)
 
     @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -550,12 +534,6 @@ class CoherentRegCallback(_Stateful):
     def reg(self) -> CoherentStrongReg | None:
         """The regulariser (built in ``on_train_begin``)."""
         return self._driver.piece  # type: ignore[no-any-return]
-
-    def _state(self) -> dict[str, Any]:
-        return self._driver.state_dict()
-
-    def _load(self, state: Mapping[str, Any]) -> None:
-        self._driver.load_state_dict(state)
 
     @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
