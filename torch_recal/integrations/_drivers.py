@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from torch_recal._batches import BatchFn, check_batch_fn, check_loader
 from torch_recal._checks import (
@@ -53,6 +54,9 @@ from torch_recal.layer_sampling import RandomLayerTraining, _check_schedule
 from torch_recal.refit import RefitResult, pinv_refit_dense
 from torch_recal.rifle import RifleScheduler
 from torch_recal.surgery import _LAYER_OPTIONS, calibrate
+
+if TYPE_CHECKING:
+    from torch_recal.surgery import LayerOptions
 
 _log = logging.getLogger("torch_recal")
 
@@ -515,3 +519,45 @@ class GGRDriver:
         if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
             scaler = None
         return self.ggr(loss, x, scaler=scaler)
+
+
+# --------------------------------------------------------------------------- shared constructors
+class CalibrateInit:
+    """The constructor of both frameworks' ``CalibrateCallback``."""
+
+    def __init__(
+        self,
+        reduction: int = 4,
+        *,
+        targets: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+        **layer_kwargs: Unpack[LayerOptions],
+    ) -> None:
+        self._driver = CalibrateDriver(reduction, targets, dict(layer_kwargs))
+
+
+class RifleInit:
+    """The constructor and ``scheduler`` of both frameworks' ``RifleCallback``."""
+
+    def __init__(
+        self,
+        *,
+        num_resets: int | None = None,
+        period: int | None = None,
+        head: HeadSpec = None,
+        total_epochs: int | None = None,
+        unit: Literal["epoch", "step"] = "epoch",
+        init: Callable[[nn.Module], Any] | None = None,
+        reset_optimizer_state: bool = False,
+        seed: int | None = None,
+        min_epochs_after_last: int | None = None,
+    ) -> None:
+        self._driver = RifleDriver(
+            num_resets=num_resets, period=period, head=head, total_epochs=total_epochs,
+            unit=unit, init=init, reset_optimizer_state=reset_optimizer_state, seed=seed,
+            min_epochs_after_last=min_epochs_after_last,
+        )  # fmt: skip
+
+    @property
+    def scheduler(self) -> RifleScheduler | None:
+        """The scheduler (``None`` until training starts and builds it)."""
+        return self._driver.piece  # type: ignore[no-any-return]

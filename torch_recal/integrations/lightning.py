@@ -33,7 +33,7 @@ DDP needs ``strategy="ddp_find_unused_parameters_true"``. See ``docs/integration
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor, nn
@@ -50,24 +50,21 @@ from torch_recal._batches import BatchFn
 from torch_recal.coherent import CoherentStrongReg
 from torch_recal.generative import GenerativeGradientLoss
 from torch_recal.integrations._common import (
-    HeadSpec,
     LayersSpec,
 )
 from torch_recal.integrations._drivers import (
-    CalibrateDriver,
+    CalibrateInit,
     CoherentDriver,
     GGRDriver,
     RandomLayerDriver,
     RefitDriver,
-    RifleDriver,
+    RifleInit,
 )
 from torch_recal.layer_sampling import RandomLayerTraining
 from torch_recal.refit import RefitResult
-from torch_recal.rifle import RifleScheduler
 
 if TYPE_CHECKING:
     from torch_recal.integrations._common import CoherentOptions, ParamsSpec
-    from torch_recal.surgery import LayerOptions
 
 __all__ = [
     "CalibrateCallback",
@@ -114,7 +111,7 @@ class _DriverCallback(pl.Callback):
         self._driver.load_state_dict(state_dict)
 
 
-class CalibrateCallback(pl.Callback):
+class CalibrateCallback(CalibrateInit, pl.Callback):
     """Insert :class:`~torch_recal.ResponseCalibration` layers when the fit starts.
 
     Runs :func:`~torch_recal.calibrate` on the ``LightningModule`` in ``setup``, for every
@@ -139,15 +136,6 @@ class CalibrateCallback(pl.Callback):
         4
     """
 
-    def __init__(
-        self,
-        reduction: int = 4,
-        *,
-        targets: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
-        **layer_kwargs: Unpack[LayerOptions],
-    ) -> None:
-        self._driver = CalibrateDriver(reduction, targets, dict(layer_kwargs))
-
     @property
     def reduction(self) -> int:
         """The reduction of the inserted layers."""
@@ -158,7 +146,7 @@ class CalibrateCallback(pl.Callback):
         self._driver.apply(pl_module)
 
 
-class RifleCallback(_DriverCallback):
+class RifleCallback(RifleInit, _DriverCallback):
     """RIFLE: re-initialise the classifier head a few times during fine-tuning.
 
     Builds a :class:`~torch_recal.RifleScheduler` when the fit starts and steps it after every
@@ -194,30 +182,6 @@ class RifleCallback(_DriverCallback):
         >>> callback.scheduler is None  # built when the fit starts, from trainer.max_epochs
         True
     """
-
-    def __init__(
-        self,
-        *,
-        num_resets: int | None = None,
-        period: int | None = None,
-        head: HeadSpec = None,
-        total_epochs: int | None = None,
-        unit: Literal["epoch", "step"] = "epoch",
-        init: Callable[[nn.Module], Any] | None = None,
-        reset_optimizer_state: bool = False,
-        seed: int | None = None,
-        min_epochs_after_last: int | None = None,
-    ) -> None:
-        self._driver = RifleDriver(
-            num_resets=num_resets, period=period, head=head, total_epochs=total_epochs,
-            unit=unit, init=init, reset_optimizer_state=reset_optimizer_state, seed=seed,
-            min_epochs_after_last=min_epochs_after_last,
-        )  # fmt: skip
-
-    @property
-    def scheduler(self) -> RifleScheduler | None:
-        """The scheduler (built in ``on_fit_start``)."""
-        return self._driver.piece  # type: ignore[no-any-return]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -29,7 +29,7 @@ would re-create them from JSON without their model and options (they refuse it w
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -49,28 +49,25 @@ from torch_recal._checks import check_instance
 from torch_recal.coherent import CoherentStrongReg
 from torch_recal.generative import GenerativeGradientLoss
 from torch_recal.integrations._common import (
-    HeadSpec,
     LayersSpec,
     completed_epochs,
     from_json,
     to_json,
 )
 from torch_recal.integrations._drivers import (
-    CalibrateDriver,
+    CalibrateInit,
     CoherentDriver,
     GGRDriver,
     RandomLayerDriver,
     RefitDriver,
-    RifleDriver,
+    RifleInit,
 )
 from torch_recal.layer_sampling import RandomLayerTraining
 from torch_recal.refit import RefitResult
-from torch_recal.rifle import RifleScheduler
 from torch_recal.surgery import is_calibrated
 
 if TYPE_CHECKING:
     from torch_recal.integrations._common import CoherentOptions, ParamsSpec
-    from torch_recal.surgery import LayerOptions
 
 __all__ = [
     "CalibrateCallback",
@@ -155,7 +152,7 @@ class _Stateful(TrainerCallback, ExportableState):  # type: ignore[misc]
         self._check_args(args)
 
 
-class CalibrateCallback(TrainerCallback):  # type: ignore[misc]
+class CalibrateCallback(CalibrateInit, TrainerCallback):  # type: ignore[misc]
     """Insert :class:`~torch_recal.ResponseCalibration` layers when the ``Trainer`` is created.
 
     Calls :func:`~torch_recal.calibrate` on the model in ``on_init_end``: before ``train()``
@@ -178,15 +175,6 @@ class CalibrateCallback(TrainerCallback):  # type: ignore[misc]
         16
     """
 
-    def __init__(
-        self,
-        reduction: int = 4,
-        *,
-        targets: Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
-        **layer_kwargs: Unpack[LayerOptions],
-    ) -> None:
-        self._driver = CalibrateDriver(reduction, targets, dict(layer_kwargs))
-
     @property
     def reduction(self) -> int:
         """The reduction of the inserted layers."""
@@ -206,7 +194,7 @@ class CalibrateCallback(TrainerCallback):  # type: ignore[misc]
             )
 
 
-class RifleCallback(_Stateful):
+class RifleCallback(RifleInit, _Stateful):
     """RIFLE: re-initialise the classifier head a few times during fine-tuning.
 
     Builds a :class:`~torch_recal.RifleScheduler` in ``on_train_begin`` over
@@ -229,30 +217,6 @@ class RifleCallback(_Stateful):
         >>> RifleCallback(num_resets=1, seed=0).state()["attributes"]  # saved in checkpoints
         {'torch_recal_state': {}}
     """
-
-    def __init__(
-        self,
-        *,
-        num_resets: int | None = None,
-        period: int | None = None,
-        head: HeadSpec = None,
-        total_epochs: int | None = None,
-        unit: Literal["epoch", "step"] = "epoch",
-        init: Callable[[nn.Module], Any] | None = None,
-        reset_optimizer_state: bool = False,
-        seed: int | None = None,
-        min_epochs_after_last: int | None = None,
-    ) -> None:
-        self._driver = RifleDriver(
-            num_resets=num_resets, period=period, head=head, total_epochs=total_epochs,
-            unit=unit, init=init, reset_optimizer_state=reset_optimizer_state, seed=seed,
-            min_epochs_after_last=min_epochs_after_last,
-        )  # fmt: skip
-
-    @property
-    def scheduler(self) -> RifleScheduler | None:
-        """The scheduler (built in ``on_train_begin``)."""
-        return self._driver.piece  # type: ignore[no-any-return]
 
     @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
