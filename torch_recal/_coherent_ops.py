@@ -259,3 +259,91 @@ def survivors(weights: list[Tensor], thresholds: list[float], params: list[Tenso
         _dist.all_reduce_over_shards_(part, params[sharded[0]])
         counts[:, sharded] = part
     return counts
+
+
+# --------------------------------------------------------------------------- gate updates
+def smooth_(state: dict[str, Any], progress: float, cost: float, beta: float) -> None:
+    """The descent criterion's averages: the first step sets them, later ones are EMAs."""
+    if state["progress_ema"] is None:
+        state["progress_ema"], state["cost_ema"] = progress, cost
+    else:
+        state["progress_ema"] = beta * state["progress_ema"] + (1 - beta) * progress
+        state["cost_ema"] = beta * state["cost_ema"] + (1 - beta) * cost
+
+
+def descent_switch(state: dict[str, Any], max_undo: float, resume_undo: float) -> None:
+    """Off above ``max_undo`` of the progress undone, on again below ``resume_undo``."""
+    if state["is_active"] and state["cost_ema"] > max_undo * state["progress_ema"]:
+        state["is_active"] = False
+    elif not state["is_active"] and state["cost_ema"] < resume_undo * state["progress_ema"]:
+        state["is_active"] = True
+
+
+def ratio_gate_update(
+    state: dict[str, Any],
+    measures: dict[str, float],
+    max_ratio: float | None,
+    min_cosine: float | None,
+    window: int,
+    reactivate: bool,
+) -> None:
+    """The first default's switch: off after ``window`` incoherent steps in a row
+    (``|r|/|g| > max_ratio`` or ``cos(g, r) < min_cosine``), on again after ``window``
+    coherent ones when ``reactivate``."""
+    cosine, ratio = measures["cosine"], measures["ratio"]
+    bad = (max_ratio is not None and ratio > max_ratio) or (
+        min_cosine is not None and cosine < min_cosine
+    )
+    if state["is_active"]:
+        state["streak"] = state["streak"] + 1 if bad else 0
+        if state["streak"] >= window:
+            state["is_active"], state["streak"] = False, 0
+    elif reactivate:
+        state["streak"] = state["streak"] + 1 if not bad else 0
+        if state["streak"] >= window:
+            state["is_active"], state["streak"] = True, 0
+
+
+REFERENCE_STEPS = 5  # steps after `delay` whose progress is the take-off reference
+RAMP_PER_WAIT = 4  # warmup="auto": ramp over this many times the steps the take-off took
+
+
+def takeoff_update(state: dict[str, Any], step: int, delay: int, takeoff: float) -> int | None:
+    """``warmup="auto"``: start the ramp once the optimizer's progress has grown
+    ``takeoff``-fold over its level after the first steps, or fallen to half its peak (a
+    problem learnt fast from the start, or a trained model being fine-tuned); returns the
+    ramp's length when it starts, else ``None``."""
+    waited = step - delay + 1
+    if waited == REFERENCE_STEPS:
+        state["reference_progress"] = state["peak_progress"] = state["progress_ema"]
+    reference, progress = state["reference_progress"], state["progress_ema"]
+    if reference is None or waited <= REFERENCE_STEPS:
+        return None
+    state["peak_progress"] = max(state["peak_progress"], progress)
+    grown = reference > 0 and progress >= takeoff * reference
+    if grown or progress <= 0.5 * state["peak_progress"]:
+        state["ramp_start"], state["ramp_length"] = step + 1, RAMP_PER_WAIT * waited
+        state["is_active"] = True
+        return RAMP_PER_WAIT * waited
+    return None
+
+
+def freezes_now(lrs: list[float], peak_lr: float | None, fraction: float | None) -> bool:
+    """``freeze_below``: whether this step's learning rate is below ``fraction`` of the peak
+    (the peak including this step's)."""
+    if fraction is None or not lrs:
+        return False
+    return max(lrs) < fraction * max([*lrs, peak_lr or 0.0])
+
+
+def add_to_grad_(
+    kind: str, grads: list[Tensor], local: list[Tensor], strength: float, pending: Pending
+) -> list[Tensor]:
+    """Add the regulariser's gradient (L2 or the L1 subgradient) to ``.grad``; returns what
+    was added."""
+    original = [g.clone() for g in grads]
+    if kind == "l2":
+        torch._foreach_add_(grads, local, alpha=strength)
+    else:
+        pending.signs, pending.leave_zero = l1_subgradient_(grads, local, strength)
+    return list(torch._foreach_sub(grads, original))

@@ -1,20 +1,7 @@
-"""Gradient-coherent strong L1/L2 regularisation.
-
-A strong L1 or L2 penalty trained with SGD easily makes learning fail: the regulariser's
-pull swamps the loss gradient, the weights collapse and the loss gradient vanishes.
-:class:`CoherentStrongReg` imposes the strong regulariser only while the loss gradient stays
-*coherent* with the regularised update. The default criterion (``"descent"``) compares, to
-first order, the loss decrease of the optimizer's step, ``progress = <g, w_before -
-w_after>``, with the loss increase of the regulariser's step, ``cost = <g, w_after -
-w_reg>``: the regulariser goes off when ``EMA(cost) / EMA(progress)`` (the fraction of the
-progress it undoes) exceeds ``max_undo`` and comes back below ``resume_undo``. Both are inner
-products of the same gradient with two steps of the same size, so the rule does not depend
-on the number of parameters, the gradient's scale or the optimizer, stays on while learning
-converges, and trips within a few steps when the regulariser starts to destroy what was
-learnt. By default (``warmup="auto"``) the regulariser waits until learning has taken off,
-then ramps its strength up. The paper's exact criterion could not be read here; the criteria
-are this library's, chosen by measurement (``docs/methods/coherent.md``), and the first
-default, a norm-ratio rule, stays available as ``criterion="ratio"``.
+"""Gradient-coherent strong L1/L2 regularisation: :class:`CoherentStrongReg` imposes a strong
+regulariser only while the loss gradient stays coherent with the regularised update (see the
+class docstring and ``docs/methods/coherent.md``; the criteria are this library's, chosen by
+measurement, since the paper's exact criterion could not be read here).
 
 Paper: Park et al., "Gradient-Coherent Strong Regularization for Deep Neural Networks",
 https://arxiv.org/abs/1811.08056
@@ -43,15 +30,20 @@ from torch_recal._checks import (
 )
 from torch_recal._coherent_ops import (
     Pending,
+    add_to_grad_,
     check_gate_state,
     check_one_mesh,
+    descent_switch,
     dots,
     first_order_cost,
-    l1_subgradient_,
+    freezes_now,
+    ratio_gate_update,
     ratio_measures,
     select_params,
+    smooth_,
     sum_over_tensors,
     survivors,
+    takeoff_update,
     truncate_,
 )
 from torch_recal._optim_hooks import Attachment, attach_to_optimizer
@@ -78,8 +70,6 @@ _KINDS = ("l1", "l2")
 _L1_MODES = ("prox", "subgradient")
 _CRITERIA = ("descent", "ratio", "always")
 _WHO = "CoherentStrongReg"
-_REFERENCE_STEPS = 5  # steps after `delay` whose progress is the take-off reference
-_RAMP_PER_WAIT = 4  # warmup="auto": ramp over this many times the steps the take-off took
 _log = logging.getLogger("torch_recal")
 
 
@@ -423,7 +413,7 @@ class CoherentStrongReg:
         grads: list[Tensor] = [_dist.local_tensor(p.grad) for p in params]  # type: ignore[arg-type]
         lrs = self._lrs(names, params, who) if self._lr_known else []  # fail now, not later
         step = self.num_steps
-        if self.frozen or self._freezes_now(lrs):
+        if self.frozen or freezes_now(lrs, self._state["peak_lr"], self.freeze_below):
             # the zero pattern is (now) frozen: remember the zeros, after_step() keeps them
             nothing = local[0].new_zeros((), dtype=torch.float64)
             zeros = [w == 0 for w in local]
@@ -443,7 +433,7 @@ class CoherentStrongReg:
             names, params, before, active, strength, ratio_stats=ratio_stats, peak_lr=peak
         )
         if active and (self.kind == "l2" or self.l1_mode == "subgradient"):
-            pending.added = self._add_to_grad_(grads, local, strength, pending)
+            pending.added = add_to_grad_(self.kind, grads, local, strength, pending)
         self._pending = pending
 
     @torch.no_grad()
@@ -522,14 +512,6 @@ class CoherentStrongReg:
     def _lr_known(self) -> bool:
         return self._needs_lr or self.optimizer is not None or self.lr is not None
 
-    def _freezes_now(self, lrs: list[float]) -> bool:
-        """``freeze_below``: whether this step's learning rate is below the fraction of the
-        peak (the peak including this step's)."""
-        if self.freeze_below is None or not lrs:
-            return False
-        lr, peak = max(lrs), max([*lrs, self._state["peak_lr"] or 0.0])
-        return lr < self.freeze_below * peak
-
     def _keep_zeros(self, step: int, local: list[Tensor], pending: Pending) -> None:
         """A step with the zero pattern frozen: the weights that were zero before the
         optimizer's step are zero again; the first such step freezes the pattern."""
@@ -578,20 +560,12 @@ class CoherentStrongReg:
 
     def _update(self, step: int, progress: float, cost: float, pending: Pending) -> None:
         s = self._state
-        beta = self.smoothing
-        if s["progress_ema"] is None:
-            s["progress_ema"], s["cost_ema"] = progress, cost
-        else:
-            s["progress_ema"] = beta * s["progress_ema"] + (1 - beta) * progress
-            s["cost_ema"] = beta * s["cost_ema"] + (1 - beta) * cost
+        smooth_(s, progress, cost, self.smoothing)
         was_on = self.is_active
         if self.warmup == "auto" and s["ramp_start"] is None and step >= self.delay:
             self._wait_for_takeoff(step)
         if self.criterion == "descent" and self._started(step):
-            if s["is_active"] and s["cost_ema"] > self.max_undo * s["progress_ema"]:
-                s["is_active"] = False
-            elif not s["is_active"] and s["cost_ema"] < self.resume_undo * s["progress_ema"]:
-                s["is_active"] = True
+            descent_switch(s, self.max_undo, self.resume_undo)
         s["num_steps"] = step + 1
         s["peak_lr"] = pending.peak_lr
         undo = cost / progress if progress else math.inf if cost > 0 else 0.0
@@ -618,22 +592,10 @@ class CoherentStrongReg:
         """``warmup="auto"``: start the ramp once the optimizer's progress has grown
         ``takeoff``-fold over its level after the first steps, or fallen to half its peak
         (a problem learnt fast from the start, or a trained model being fine-tuned)."""
-        s = self._state
-        waited = step - self.delay + 1
-        if waited == _REFERENCE_STEPS:
-            s["reference_progress"] = s["peak_progress"] = s["progress_ema"]
-        reference, progress = s["reference_progress"], s["progress_ema"]
-        if reference is None or waited <= _REFERENCE_STEPS:
-            return
-        s["peak_progress"] = max(s["peak_progress"], progress)
-        grown = reference > 0 and progress >= self.takeoff * reference
-        if grown or progress <= 0.5 * s["peak_progress"]:
-            s["ramp_start"], s["ramp_length"] = step + 1, _RAMP_PER_WAIT * waited
-            s["is_active"] = True
+        length = takeoff_update(self._state, step, self.delay, self.takeoff)
+        if length is not None:
             _log.info(
-                "CoherentStrongReg: warm-up starts after step %d, ramp over %d steps",
-                step,
-                _RAMP_PER_WAIT * waited,
+                "CoherentStrongReg: warm-up starts after step %d, ramp over %d steps", step, length
             )
 
     # ------------------------------------------------------------------ the ratio rule
@@ -643,36 +605,12 @@ class CoherentStrongReg:
         """The first default (norm ratio and cosine of g and r over all tensors), updated in
         :meth:`step`; returns its measures for the history."""
         measures = ratio_measures(grads, local, params, self.kind, self.strength)
-        cosine, ratio = measures["cosine"], measures["ratio"]
-        if math.isnan(cosine):
-            return measures  # a non-finite gradient: after_step() skips this step
-        s = self._state
-        if self._started(self.num_steps):
-            bad = (self.max_ratio is not None and ratio > self.max_ratio) or (
-                self.min_cosine is not None and cosine < self.min_cosine
-            )
-            if s["is_active"]:
-                s["streak"] = s["streak"] + 1 if bad else 0
-                if s["streak"] >= self.window:
-                    s["is_active"], s["streak"] = False, 0
-            elif self.reactivate:
-                s["streak"] = s["streak"] + 1 if not bad else 0
-                if s["streak"] >= self.window:
-                    s["is_active"], s["streak"] = True, 0
-        return measures
+        if self._started(self.num_steps) and not math.isnan(measures["cosine"]):
+            ratio_gate_update(self._state, measures, self.max_ratio, self.min_cosine,
+                              self.window, self.reactivate)  # fmt: skip
+        return measures  # a NaN cosine (non-finite gradient): after_step() skips this step
 
     # ------------------------------------------------------------------ helpers
-    def _add_to_grad_(
-        self, grads: list[Tensor], local: list[Tensor], strength: float, pending: Pending
-    ) -> list[Tensor]:
-        """Add the regulariser's gradient to ``.grad``; returns what was added."""
-        original = [g.clone() for g in grads]
-        if self.kind == "l2":
-            torch._foreach_add_(grads, local, alpha=strength)
-        else:
-            pending.signs, pending.leave_zero = l1_subgradient_(grads, local, strength)
-        return list(torch._foreach_sub(grads, original))
-
     def __repr__(self) -> str:
         return (
             f"CoherentStrongReg(kind={self.kind!r}, strength={self.strength}, "
