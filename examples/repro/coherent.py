@@ -95,7 +95,7 @@ HEADLINE = tuple(
     for m in MODELS
     for label in (
         "coherent - always-prox: accuracy at 10x",
-        "coherent - delayed: accuracy at 10x",
+        "coherent - delayed: accuracy at 30x",
         "coherent at 5x - no regulariser",
     )
 )  # (study, pair label) shown in the README
