@@ -43,6 +43,7 @@ from torch_recal.generative import GenerativeGradientLoss
 from torch_recal.heads import _tied_elsewhere, _unwrap, find_classifier
 from torch_recal.integrations._common import (
     COHERENT_OPTIONS,
+    CoherentOptions,
     HeadSpec,
     LayersSpec,
     ParamsSpec,
@@ -560,4 +561,18 @@ class RifleInit:
     @property
     def scheduler(self) -> RifleScheduler | None:
         """The scheduler (``None`` until training starts and builds it)."""
+        return self._driver.piece  # type: ignore[no-any-return]
+
+
+class CoherentInit:
+    """The constructor and ``reg`` of both frameworks' ``CoherentRegCallback``."""
+
+    def __init__(
+        self, *, strength: float, params: ParamsSpec = None, **options: Unpack[CoherentOptions]
+    ) -> None:
+        self._driver = CoherentDriver(strength, params, options)
+
+    @property
+    def reg(self) -> CoherentStrongReg | None:
+        """The regulariser (``None`` until training starts and builds it)."""
         return self._driver.piece  # type: ignore[no-any-return]

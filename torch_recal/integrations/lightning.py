@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor, nn
-from typing_extensions import Unpack, override
+from typing_extensions import override
 
 try:
     import lightning.pytorch as pl
@@ -47,14 +47,13 @@ except ImportError as _error:  # pragma: no cover - exercised by a test that hid
     ) from _error
 
 from torch_recal._batches import BatchFn
-from torch_recal.coherent import CoherentStrongReg
 from torch_recal.generative import GenerativeGradientLoss
 from torch_recal.integrations._common import (
     LayersSpec,
 )
 from torch_recal.integrations._drivers import (
     CalibrateInit,
-    CoherentDriver,
+    CoherentInit,
     GGRDriver,
     RandomLayerDriver,
     RefitDriver,
@@ -64,7 +63,7 @@ from torch_recal.layer_sampling import RandomLayerTraining
 from torch_recal.refit import RefitResult
 
 if TYPE_CHECKING:
-    from torch_recal.integrations._common import CoherentOptions, ParamsSpec
+    pass
 
 __all__ = [
     "CalibrateCallback",
@@ -446,7 +445,7 @@ class GGRCallback(pl.Callback):
             self._driver.ggr.load_state_dict(state_dict)
 
 
-class CoherentRegCallback(_DriverCallback):
+class CoherentRegCallback(CoherentInit, _DriverCallback):
     """Gradient-coherent strong L1/L2 regularisation for a Lightning fit.
 
     Builds a :class:`~torch_recal.CoherentStrongReg` when the fit starts, over the
@@ -483,16 +482,6 @@ class CoherentRegCallback(_DriverCallback):
         >>> callback.reg is None  # built when the fit starts, on trainer.optimizers[0]
         True
     """
-
-    def __init__(
-        self, *, strength: float, params: ParamsSpec = None, **options: Unpack[CoherentOptions]
-    ) -> None:
-        self._driver = CoherentDriver(strength, params, options)
-
-    @property
-    def reg(self) -> CoherentStrongReg | None:
-        """The regulariser (built in ``on_fit_start``)."""
-        return self._driver.piece  # type: ignore[no-any-return]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
-from typing_extensions import Unpack, override
+from typing_extensions import override
 
 try:
     from transformers import Trainer
@@ -46,7 +46,6 @@ except ImportError as _error:  # pragma: no cover - exercised by a test that hid
 
 from torch_recal._batches import BatchFn
 from torch_recal._checks import check_instance
-from torch_recal.coherent import CoherentStrongReg
 from torch_recal.generative import GenerativeGradientLoss
 from torch_recal.integrations._common import (
     LayersSpec,
@@ -56,7 +55,7 @@ from torch_recal.integrations._common import (
 )
 from torch_recal.integrations._drivers import (
     CalibrateInit,
-    CoherentDriver,
+    CoherentInit,
     GGRDriver,
     RandomLayerDriver,
     RefitDriver,
@@ -67,7 +66,7 @@ from torch_recal.refit import RefitResult
 from torch_recal.surgery import is_calibrated
 
 if TYPE_CHECKING:
-    from torch_recal.integrations._common import CoherentOptions, ParamsSpec
+    pass
 
 __all__ = [
     "CalibrateCallback",
@@ -458,7 +457,7 @@ class GGRCallback(_Stateful):
             self._driver.ggr.load_state_dict(saved)
 
 
-class CoherentRegCallback(_Stateful):
+class CoherentRegCallback(CoherentInit, _Stateful):
     """Gradient-coherent strong L1/L2 regularisation with the Hugging Face ``Trainer``.
 
     In ``on_train_begin`` (the ``Trainer`` has created and prepared its optimizer then)
@@ -488,16 +487,6 @@ class CoherentRegCallback(_Stateful):
         >>> CoherentRegCallback(strength=1e-3, kind="l2").state()["attributes"]
         {'torch_recal_state': {}}
     """
-
-    def __init__(
-        self, *, strength: float, params: ParamsSpec = None, **options: Unpack[CoherentOptions]
-    ) -> None:
-        self._driver = CoherentDriver(strength, params, options)
-
-    @property
-    def reg(self) -> CoherentStrongReg | None:
-        """The regulariser (built in ``on_train_begin``)."""
-        return self._driver.piece  # type: ignore[no-any-return]
 
     @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
