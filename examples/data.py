@@ -67,14 +67,25 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def fashion_mnist_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """The first candidate directory that holds the four Fashion-MNIST IDX files."""
+_STEMS = {
+    "train": (("train-images", 3), ("train-labels", 1)),
+    "test": (("t10k-images", 3), ("t10k-labels", 1)),
+}
+
+
+def fashion_mnist_dir(
+    data_dir: str | os.PathLike | None = None, split: str | None = None
+) -> Path | None:
+    """The first candidate directory that holds the Fashion-MNIST IDX files of ``split``
+    (``"train"`` or ``"test"``; ``None``: all four files)."""
+    splits = ("train", "test") if split is None else (split,)
+    stems = [f"{s}-idx{n}-ubyte" for sp in splits for s, n in _STEMS[sp]]
     candidates = [data_dir, os.environ.get("TORCH_RECAL_DATA"), DEBIAN_DIR]
     for cand in candidates:
         if not cand:
             continue
         for d in (Path(cand), Path(cand) / "FashionMNIST" / "raw", Path(cand) / "raw"):
-            if _find(d, "train-images-idx3-ubyte") and _find(d, "t10k-labels-idx1-ubyte"):
+            if all(_find(d, stem) for stem in stems):
                 return d
     return None
 
@@ -84,27 +95,37 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - 0.2860) / 0.3530  # Fashion-MNIST train mean/std; fine for MNIST too
 
 
+_NOT_FOUND = (
+    "Fashion-MNIST IDX files not found. Install the Debian package "
+    "(sudo apt-get install dataset-fashion-mnist), or point --data-dir / "
+    "TORCH_RECAL_DATA at a directory with train-images-idx3-ubyte.gz, "
+    "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz "
+    "(e.g. a torchvision FashionMNIST download), or use --dataset mnist5k."
+)
+
+
+def read_fashion_split(
+    data_dir: str | os.PathLike | None, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split of Fashion-MNIST, ``"train"`` (60,000) or ``"test"`` (10,000), as normalised
+    images and int64 labels; only that split's two files are read."""
+    if split not in _STEMS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    d = fashion_mnist_dir(data_dir, split)
+    if d is None:
+        raise FileNotFoundError(_NOT_FOUND)
+    images, labels = (_read_idx(_find(d, f"{s}-idx{n}-ubyte"))  # type: ignore[arg-type]
+                      for s, n in _STEMS[split])  # fmt: skip
+    return _normalise(images), labels.long()
+
+
 def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Data:
     """Fashion-MNIST from IDX files (see the module docstring for where it looks)."""
-    d = fashion_mnist_dir(data_dir)
-    if d is None:
-        raise FileNotFoundError(
-            "Fashion-MNIST IDX files not found. Install the Debian package "
-            "(sudo apt-get install dataset-fashion-mnist), or point --data-dir / "
-            "TORCH_RECAL_DATA at a directory with train-images-idx3-ubyte.gz, "
-            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz "
-            "(e.g. a torchvision FashionMNIST download), or use --dataset mnist5k."
-        )
-    parts = [_read_idx(_find(d, f"{s}-idx{n}-ubyte"))  # type: ignore[arg-type]
-             for s, n in (("train-images", 3), ("train-labels", 1),
-                          ("t10k-images", 3), ("t10k-labels", 1))]  # fmt: skip
-    return Data(
-        "fashion-mnist",
-        _normalise(parts[0]),
-        parts[1].long(),
-        _normalise(parts[2]),
-        parts[3].long(),
-    )
+    if fashion_mnist_dir(data_dir) is None:
+        raise FileNotFoundError(_NOT_FOUND)
+    train_x, train_y = read_fashion_split(data_dir, "train")
+    test_x, test_y = read_fashion_split(data_dir, "test")
+    return Data("fashion-mnist", train_x, train_y, test_x, test_y)
 
 
 def load_mnist5k(seed: int = 0) -> Data:
