@@ -21,16 +21,15 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from repro.stats import holm, holm_family, summarize, verdict  # noqa: E402
 
-multitest = pytest.importorskip("statsmodels.stats.multitest")
-
 
 @pytest.fixture
 def statsmodels_holm(monkeypatch: pytest.MonkeyPatch):
-    """statsmodels' Holm: ``(reject, corrected)`` at alpha 0.05.
+    """statsmodels' Holm: ``(reject, corrected)`` at alpha 0.05 (the test skips without it).
 
     ``multipletests(method="holm")`` runs ``gc.collect()`` on every call (50-200 ms here);
     collection changes no result, so it is skipped while the test runs.
     """
+    multitest = pytest.importorskip("statsmodels.stats.multitest")
     monkeypatch.setattr(gc, "collect", lambda *args: 0)
 
     def reference(pvalues):
