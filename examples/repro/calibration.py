@@ -30,6 +30,7 @@ from repro.train import (
     accuracy,
     cosine,
     crop_flip,
+    eval_key,
     fashion_subsets,
     generator,
     set_lr,
@@ -56,8 +57,9 @@ LABELS = {
 SPREAD_THRESHOLD = 0.05  # 10x the level at initialisation reported in issue 14 (<= 0.006)
 
 
-def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
-    n_seeds = seeds or (2 if quick else 4)
+def protocol(quick: bool, seeds: list[int] | None) -> dict[str, Any]:
+    seeds = seeds if seeds is not None else list(range(2 if quick else 4))
+    ek = eval_key()
     settings = {
         "data": "Fashion-MNIST (IDX files); train subset drawn per seed from the 60,000 "
         "training images, test subset from the 10,000 test images",
@@ -87,11 +89,11 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
         "studies": {
             STUDY: {
                 "title": "Fashion-MNIST, narrow ResNet-20",
-                "seeds": list(range(n_seeds)),
+                "seeds": list(seeds),
                 "arms": arms,
                 "labels": LABELS,
                 "columns": [
-                    ["test_acc", "test accuracy", "accuracy"],
+                    [ek, ek.replace("_acc", " accuracy"), "accuracy"],
                     ["train_loss", "final train loss", ""],
                 ],
                 "pairs": [
@@ -111,7 +113,7 @@ def _pair_factory():
             "label": label,
             "a": f"{STUDY}/{a}",
             "b": f"{STUDY}/{b}",
-            "metric": "test_acc",
+            "metric": eval_key(),
             "unit": "accuracy",
             "expected": "+",
         }
@@ -202,7 +204,7 @@ def train_arm(ctx: Context) -> dict[str, Any]:
         if arm == "calibrate":  # the premise's trajectory (cheap: one forward of the probe)
             spread_curve.append(calibration_stats(model, probe)["mu_spread"])
     metrics: dict[str, Any] = {
-        "test_acc": accuracy(model, tx, ty),
+        eval_key(): accuracy(model, tx, ty),
         "train_loss": losses[-1],
         "loss_curve": losses,
         "params": sum(p.numel() for p in model.parameters()),
@@ -281,7 +283,7 @@ def premise(
     init_ls = mean([m["log_sigma_spread_init"] for m in calib])
     return [
         check(
-            "calibrate: spread of predicted mu across test images (mean over seeds)",
+            "calibrate: spread of predicted mu across the probe images (mean over seeds)",
             mean([m["mu_spread"] for m in calib]),
             ">=",
             SPREAD_THRESHOLD,
@@ -290,7 +292,7 @@ def premise(
             else "",
         ),
         check(
-            "calibrate: spread of predicted log sigma across test images (mean over seeds)",
+            "calibrate: spread of predicted log sigma across the probe images (mean over seeds)",
             mean([m["log_sigma_spread"] for m in calib]),
             ">=",
             SPREAD_THRESHOLD,
@@ -324,7 +326,7 @@ def describe(proto: dict[str, Any]) -> list[str]:
 
 
 def extra_panels(result: dict[str, Any]) -> list:
-    """The premise over training: spread of the predicted mu across test images, per epoch."""
+    """The premise over training: spread of the predicted mu across the probe images, per epoch."""
 
     def draw(ax) -> None:
         arm = f"{STUDY}/calibrate"

@@ -44,6 +44,7 @@ from repro.common import Context, Task, check, mean, seed_torch
 from repro.train import (
     accuracy,
     cosine,
+    eval_key,
     fashion_subsets,
     generator,
     set_lr,
@@ -105,8 +106,8 @@ LEVELS = (5, 10, 30, 100)  # compression levels at which the fronts are compared
 COLLAPSED = 0.2  # test accuracy at or below this is a collapsed run (chance is 0.1)
 
 
-def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
-    n_seeds = seeds or (1 if quick else 3)
+def protocol(quick: bool, seeds: list[int] | None) -> dict[str, Any]:
+    seeds = seeds if seeds is not None else list(range(1 if quick else 3))
     settings = {
         "data": "Fashion-MNIST: train and validation subsets drawn per seed (disjoint) from the "
         "60,000 training images; test subset from the 10,000 test images",
@@ -162,12 +163,12 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
             ]
             studies[f"{model}-{delta}pt"] = {
                 "title": f"{model}: most compression within {delta} pt of the unregularised",
-                "seeds": list(range(n_seeds)),
+                "seeds": list(seeds),
                 "arms": arms,
                 "labels": labels,
                 "columns": [
                     ["compression", "compression", "x"],
-                    ["test_acc", "test accuracy", "accuracy"],
+                    [eval_key(), "accuracy", "accuracy"],
                     ["strength", "strength chosen", ""],
                 ],
                 "pairs": pairs,
@@ -201,7 +202,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
         )
         studies[f"{model}-front"] = {
             "title": f"{model}: test accuracy on each seed's front at a given compression",
-            "seeds": list(range(n_seeds)),
+            "seeds": list(seeds),
             "arms": [f"{model}-front/{m}" for m in methods],
             "labels": {f"{model}-front/{m}": METHODS[m][0] for m in methods},
             "columns": [[f"acc_at_{c}x", f"accuracy at {c}x", "accuracy"] for c in LEVELS]
@@ -293,7 +294,7 @@ def _one_run(
     out = {
         "strength": strength,
         "val_acc": accuracy(model, vx, vy),
-        "test_acc": accuracy(model, tx, ty),
+        eval_key(): accuracy(model, tx, ty),
         "train_acc": accuracy(model, x, y),
         "compression": report.compression_ratio,
         "on_fraction": sum(active) / len(active) if active else 0.0,
@@ -368,7 +369,7 @@ def finish(proto: dict[str, Any], seeds: list[dict[str, Any]], infos: dict[str, 
                         "log10_compression": math.log10(comp)
                         if comp and math.isfinite(comp)
                         else None,
-                        "test_acc": pick["test_acc"],
+                        eval_key(): pick[eval_key()],
                         "val_acc": pick["val_acc"],
                         "strength": pick["strength"],
                     }
@@ -379,10 +380,10 @@ def front_metrics(reference: dict[str, Any], runs: list[dict[str, Any]] | None) 
     unregularised run is its 1x point; collapsed runs are left out), and the most compression
     reached before collapse. ``runs=None``: the unregularised arm itself, whose accuracy at
     every level is its own (the reference of the pairs)."""
-    pts = [(1.0, reference["test_acc"])] + [
-        (r["compression"], r["test_acc"])
+    pts = [(1.0, reference[eval_key()])] + [
+        (r["compression"], r[eval_key()])
         for r in runs or []
-        if r["test_acc"] > COLLAPSED and r["compression"] and math.isfinite(r["compression"])
+        if r[eval_key()] > COLLAPSED and r["compression"] and math.isfinite(r["compression"])
     ]
     fr = front(pts)
     out: dict[str, Any] = {"max_compression": max(c for c, _ in pts)}
@@ -429,7 +430,7 @@ def sweep_means(result: dict[str, Any], model: str, method: str) -> list[dict[st
         out.append(
             {
                 "strength": strength,
-                "test_acc": mean([r["test_acc"] for r in runs]),
+                eval_key(): mean([r[eval_key()] for r in runs]),
                 "compression": 10 ** mean([math.log10(c) for c in finite])
                 if len(finite) == len(comps)
                 else math.inf,
@@ -448,7 +449,7 @@ def premise(
     top = max(proto["settings"]["grids"]["proximal"])
     for model in MODELS:
         collapsed = [
-            r["test_acc"]
+            r[eval_key()]
             for s in ids
             for r in _runs(infos, model, s, "always-prox")
             if r["strength"] == top
@@ -550,7 +551,7 @@ def extra_tables(result: dict[str, Any]) -> list[str]:
             for row in sweep_means(result, model, method):
                 comp = row["compression"]
                 lines.append(
-                    f"| {METHODS[method][0]} | {row['strength']:g} | {row['test_acc']:.4f} | "
+                    f"| {METHODS[method][0]} | {row['strength']:g} | {row[eval_key()]:.4f} | "
                     f"{'inf' if not math.isfinite(comp) else f'{comp:.1f}x'} | "
                     f"{row['on_fraction']:.2f} |"
                 )
@@ -578,7 +579,7 @@ def extra_panels(result: dict[str, Any]) -> list:
                 ]
                 if not rows:
                     continue
-                pts = [(r["compression"], r["test_acc"]) for r in rows]
+                pts = [(r["compression"], r[eval_key()]) for r in rows]
                 ax.plot(
                     *zip(*pts, strict=True), "o", color=colors[method], alpha=0.35, markersize=4
                 )

@@ -1,10 +1,18 @@
-"""The suite's machinery: tasks in two one-thread processes, resumable parts, statistics, schema.
+"""The suite's machinery: stages, tasks in one-thread processes, resumable parts, statistics,
+schema.
 
 A method module (``repro/<method>.py``) provides
 
-* ``protocol(quick, seeds) -> dict``: every setting; ``"studies"`` maps a study name to its
-  ``"seeds"``, its ``"arms"`` (qualified ``"<study>/<arm>"`` names) and its ``"pairs"``
-  (``{"label", "a", "b", "metric", "unit", "expected"}``: the difference ``b - a`` per seed);
+* ``protocol(quick, seeds) -> dict``: every setting, for the process's stage
+  (:func:`repro.train.current_stage`; the figure a protocol reports is
+  :func:`repro.train.eval_key`: ``"val_acc"`` in exploration, ``"test_acc"`` in confirmation);
+  ``seeds`` is a list of seed ids or ``None`` for the protocol's default count; ``"studies"``
+  maps a study name to its ``"seeds"``, its ``"arms"`` (qualified ``"<study>/<arm>"`` names)
+  and its ``"pairs"`` (``{"label", "a", "b", "metric", "unit", "expected"}`` and optionally
+  ``"scale": "log_ratio"`` for ratios such as compression or CPU time: the per-seed ratio
+  ``b / a`` is summarised on the log scale; otherwise the difference ``b - a``);
+* ``HEADLINE``: the ``(study, label)`` pairs of its headline family (Holm-adjusted together;
+  in the confirm stage the pre-registration's list governs);
 * ``tasks(proto) -> list[Task]``: each task is a function of the module, run in a worker
   process; a task returns ``{"arms": {arm: {metric: value}}, "info": {...}}`` and may save
   artefacts under ``ctx.cache_path(...)``; ``deps`` are the keys of tasks whose results (and
@@ -14,15 +22,21 @@ A method module (``repro/<method>.py``) provides
 * optionally ``finish(proto, seeds, infos)``: adds derived arms (e.g. a variant chosen on the
   validation split) to the per-seed records.
 
-:func:`run_method` runs the tasks (each finished task is written to
-``<out>/<method>/parts/<key>.json`` at once, so an interrupted run resumes where it stopped),
-then writes ``<out>/<method>.json`` (checked by :func:`validate`) and the plot.
+Stages. ``explore`` (the default) never reads a test split (the loaders raise in the worker
+processes) and writes ``<out>/explore/<method>.json``; every choice is made there.
+``confirm`` runs only under a committed, unchanged pre-registration
+(``docs/results/preregistered/<method>.json``, see :mod:`repro.prereg`) whose protocol hash
+the code's confirm protocol must equal, on seeds disjoint from exploration's, and writes
+``<out>/<method>.json`` with the pre-registration's sha256 and commit.
 
-Statistics: for each pair, the per-seed differences ``b - a`` (paired: a seed fixes the data
-subset and the initialisation of every arm), their mean and sd, the 95 % t-interval, and,
-where the interval contains 0, the minimum detectable effect: the true mean difference that a
-two-sided paired t-test at level 0.05 with this ``n`` and this sd would detect with 80 %
-power (exact, from the noncentral t distribution).
+:func:`run_method` runs the tasks (each finished task is written to
+``<out>/<stage>/<method>/parts/<key>.json`` at once, so an interrupted run resumes where it
+stopped), then writes the result JSON (checked by :func:`validate`) and the plot.
+
+Statistics (:mod:`repro.stats`): per pair, the per-seed differences ``b - a`` (or log ratios),
+their mean, sd, 95 % t-interval and p-value, seeds without a value listed as missing; over the
+headline family, Holm-adjusted p-values and step-down intervals; a verdict says "reproduced"
+only for a confirm-stage headline pair whose Holm interval excludes 0 in the expected direction.
 """
 
 from __future__ import annotations
@@ -47,7 +61,7 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EXAMPLES = Path(__file__).resolve().parents[1]
 ROOT = EXAMPLES.parent
 
@@ -74,6 +88,7 @@ class Context:
     deps: dict[str, dict[str, Any]]  # key -> the dependency's returned dict
     cache_dir: Path
     data_dir: str | None
+    stage: str = "explore"
 
     def cache_path(self, name: str, seed: int | None = None) -> Path:
         seed = self.seed if seed is None else seed
@@ -106,24 +121,13 @@ def protocol_hash(proto: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _legacy_hash(proto: dict[str, Any]) -> str:
-    """The first suite's hash (presentation included): parts written with it still count."""
-
-    def strip(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if k != "seeds"}
-        if isinstance(obj, list):
-            return [strip(v) for v in obj]
-        return obj
-
-    text = json.dumps(strip(proto), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _init_worker(path: list[str]) -> None:
+def _init_worker(path: list[str], stage: str) -> None:
     for p in reversed(path):
         if p not in sys.path:
             sys.path.insert(0, p)
+    from repro.train import set_stage
+
+    set_stage(stage)
     torch.set_num_threads(1)
     with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
@@ -138,9 +142,12 @@ def _execute(
     data_dir: str | None,
 ) -> dict[str, Any]:
     """Run one task in this (worker) process; returns the part record."""
+    from repro.train import set_stage
+
     torch.set_num_threads(1)
+    set_stage(proto["stage"])
     module = importlib.import_module(f"repro.{method}")
-    ctx = Context(proto, task.seed, task.args, deps, Path(cache_dir), data_dir)
+    ctx = Context(proto, task.seed, task.args, deps, Path(cache_dir), data_dir, proto["stage"])
     ctx.cache_dir.mkdir(parents=True, exist_ok=True)
     wall, cpu = time.perf_counter(), time.process_time()
     result = getattr(module, task.func)(ctx)
@@ -181,26 +188,64 @@ def load_method(name: str) -> ModuleType:
 
 
 # --------------------------------------------------------------------------- run
+def result_path(out: Path, name: str, stage: str) -> Path:
+    """Where a stage's result JSON goes: ``<out>/<method>.json`` (confirm) or
+    ``<out>/explore/<method>.json`` (explore); the plot sits beside it as ``.png``."""
+    return out / f"{name}.json" if stage == "confirm" else out / "explore" / f"{name}.json"
+
+
+def build_protocol(
+    module: ModuleType, quick: bool, seeds: Sequence[int] | None, stage: str
+) -> dict[str, Any]:
+    """The module's protocol for ``stage`` (this process is switched to that stage)."""
+    from repro.train import set_stage
+
+    set_stage(stage)
+    proto = module.protocol(quick, None if seeds is None else list(seeds))
+    proto["quick"] = quick
+    proto["stage"] = stage
+    return proto
+
+
 def run_method(
     name: str,
     *,
     out: Path,
     quick: bool,
-    seeds: int | None,
+    seeds: Sequence[int] | None,
     workers: int,
     data_dir: str | None,
     command: str,
+    stage: str = "explore",
+    prereg: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or resume) one method's protocol; write and return its result JSON."""
+    """Run (or resume) one method's protocol in ``stage``; write and return its result JSON.
+
+    ``confirm``: the seeds are the pre-registration's (``seeds`` must be ``None``), which must
+    be committed and unchanged (:func:`repro.prereg.checked`), and the code's protocol must
+    hash to the registered one; anything else raises before a task runs.
+    """
+    from repro import prereg as preregistration
+
     module = load_method(name)
     start_wall = time.perf_counter()
     load_start = _load_average()
     version = _library_version()
-    proto = module.protocol(quick, seeds)
-    proto["quick"] = quick
-    phash, legacy = protocol_hash(proto), _legacy_hash(proto)
-    parts_dir = out / name / "parts"
+    registered = None
+    if stage == "confirm":
+        if seeds is not None:
+            raise ValueError(f"{name}: the confirm stage runs the pre-registered seeds only")
+        registered = preregistration.checked(name, prereg)
+        seeds = registered["data"]["seeds"]
+        quick = bool(registered["data"]["protocol"].get("quick", False))
+    elif stage != "explore":
+        raise ValueError(f"stage must be 'explore' or 'confirm', got {stage!r}")
+    proto = build_protocol(module, quick, seeds, stage)
+    phash = protocol_hash(proto)
+    if registered is not None:
+        preregistration.match(registered, proto, phash)
+    parts_dir = out / stage / name / "parts"
     cache_dir = out / "cache" / f"{name}-{phash}"
     tasks: list[Task] = module.tasks(proto)
     keys = [t.key for t in tasks]
@@ -211,16 +256,16 @@ def run_method(
         path = parts_dir / f"{task.key}.json"
         if path.exists():
             part = json.loads(path.read_text())
-            if part.get("protocol_hash") in (phash, legacy):
+            if part.get("protocol_hash") == phash:
                 done[task.key] = part
     todo = [t for t in tasks if t.key not in done]
     log(
-        f"[{name}] protocol {phash}: {len(tasks)} tasks, {len(done)} done, {len(todo)} to run "
-        f"on {workers} process(es) of 1 thread"
+        f"[{name}] {stage} stage, protocol {phash}: {len(tasks)} tasks, {len(done)} done, "
+        f"{len(todo)} to run on {workers} process(es) of 1 thread"
     )
-    sessions_path = out / name / "sessions.json"
+    sessions_path = out / stage / name / "sessions.json"
     sessions = json.loads(sessions_path.read_text()) if sessions_path.exists() else []
-    sessions = [s for s in sessions if s.get("protocol_hash") in (phash, legacy)]
+    sessions = [s for s in sessions if s.get("protocol_hash") == phash]
     if todo:  # recorded before the run, so that an interrupted session still counts
         sessions.append({"protocol_hash": phash, "started_at": time.time(), "wall_seconds": None,
                          "tasks_run": len(todo), "load_start": load_start,
@@ -233,9 +278,17 @@ def run_method(
     _write_json(sessions_path, sessions)
     if sessions:  # the code of the sessions that ran the tasks, read when each started
         version = "; ".join(dict.fromkeys(str(s.get("torch_recal", version)) for s in sessions))
-    result = assemble(
-        name, module, proto, tasks, done, command=command, workers=workers, version=version
+    headline = (
+        [(p["study"], p["label"]) for p in registered["data"]["headline"]]
+        if registered is not None
+        else list(getattr(module, "HEADLINE", ()))
     )
+    result = assemble(
+        name, module, proto, tasks, done, command=command, workers=workers, version=version,
+        headline=headline,
+    )  # fmt: skip
+    if registered is not None:
+        result["preregistration"] = {k: registered[k] for k in ("path", "sha256", "commit")}
     result["wall_seconds"] = round(sum(s["wall_seconds"] for s in sessions), 1)
     result["sessions"] = len(sessions)
     if sessions:  # the load during the runs, not during a later re-assembly
@@ -245,14 +298,15 @@ def run_method(
         sessions[-1].get("load_end") if sessions else None
     ) or _load_average()
     errors = validate(result)
-    _write_json(out / f"{name}.json", result)
+    path = result_path(out, name, stage)
+    _write_json(path, result)
     if errors:
-        raise RuntimeError(f"{name}: {out / name}.json does not match the schema: {errors}")
+        raise RuntimeError(f"{name}: {path} does not match the schema: {errors}")
     from repro import cards
 
-    cards.plot(result, out / f"{name}.png")
+    cards.plot(result, path.with_suffix(".png"))
     log(
-        f"[{name}] wrote {out / (name + '.json')} and {out / (name + '.png')} "
+        f"[{name}] wrote {path} and {path.with_suffix('.png')} "
         f"(wall {result['wall_seconds']:.0f} s over {result['sessions']} session(s))"
     )
     return result
@@ -287,7 +341,10 @@ def _run_tasks(
     context = multiprocessing.get_context("spawn")
     failures: list[str] = []
     with cf.ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(sys.path,)
+        max_workers=workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(sys.path, proto["stage"]),
     ) as pool:
         running: dict[cf.Future, Task] = {}
         try:
@@ -330,7 +387,7 @@ def _run_tasks(
 def _brief(result: dict[str, Any]) -> str:
     out = []
     for arm, metrics in (result.get("arms") or {}).items():
-        value = metrics.get("test_acc")
+        value = metrics.get("test_acc", metrics.get("val_acc"))
         if isinstance(value, (int, float)):
             out.append(f"{arm} {value:.4f}")
     return ", ".join(out)
@@ -344,6 +401,59 @@ def _load_average() -> list[float] | None:
 
 
 # --------------------------------------------------------------------------- assembly
+def pair_values(
+    pair: dict[str, Any], seeds: list[dict[str, Any]], study_seeds: Sequence[int]
+) -> list[float | None]:
+    """Per planned seed of the study, the pair's paired quantity: ``b - a``, or ``b / a`` for
+    ``"scale": "log_ratio"``; ``None`` where a seed has no finite value for either arm."""
+    by_seed = {rec["seed"]: rec["arms"] for rec in seeds}
+    out: list[float | None] = []
+    for seed in study_seeds:
+        arms = by_seed.get(seed, {})
+        a = arms.get(pair["a"], {}).get(pair["metric"])
+        b = arms.get(pair["b"], {}).get(pair["metric"])
+        if not (_number(a) and _number(b)):
+            out.append(None)
+        elif pair.get("scale") == "log_ratio":
+            out.append(b / a if a > 0 and b > 0 else None)
+        else:
+            out.append(b - a)
+    return out
+
+
+def summarize_pairs(
+    proto: dict[str, Any],
+    seeds: list[dict[str, Any]],
+    headline: Sequence[tuple[str, str]],
+    stage: str,
+    alpha: float = 0.05,
+) -> list[dict[str, Any]]:
+    """Every declared pair's summary; the headline pairs are one Holm family. Verdicts: only a
+    confirm-stage headline pair can be "reproduced"."""
+    from repro import stats
+
+    summary = []
+    for study_name, study in proto["studies"].items():
+        for pair in study["pairs"]:
+            values = pair_values(pair, seeds, study["seeds"])
+            s = stats.summarize(
+                values, seeds=study["seeds"], scale=pair.get("scale", "difference"), alpha=alpha
+            )
+            summary.append({"study": study_name, **pair, **s})
+    wanted = set(headline)
+    known = {(p["study"], p["label"]) for p in summary}
+    if wanted - known:
+        raise ValueError(f"headline pairs not declared by the protocol: {sorted(wanted - known)}")
+    family = [p for p in summary if (p["study"], p["label"]) in wanted]
+    stats.holm_family(family, alpha=alpha)
+    for p in summary:
+        p["headline"] = (p["study"], p["label"]) in wanted
+        p["verdict"] = stats.verdict(p, p["expected"], family=p["headline"])
+        if stage != "confirm":  # exploration resolves nothing for good
+            p["verdict"]["reproduced"] = False
+    return summary
+
+
 def assemble(
     name: str,
     module: ModuleType,
@@ -354,6 +464,7 @@ def assemble(
     command: str,
     workers: int,
     version: str = "",
+    headline: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """The result JSON from the finished parts (``version``: the library's, at the start)."""
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
@@ -367,27 +478,20 @@ def assemble(
     if hasattr(module, "finish"):
         module.finish(proto, seeds, infos)
     arms = [a for study in proto["studies"].values() for a in study["arms"]]
-    summary = []
-    for study_name, study in proto["studies"].items():
-        for pair in study["pairs"]:
-            diffs = [
-                rec["arms"][pair["b"]][pair["metric"]] - rec["arms"][pair["a"]][pair["metric"]]
-                for rec in seeds
-                if rec["seed"] in study["seeds"]
-                and _number(rec["arms"].get(pair["a"], {}).get(pair["metric"]))
-                and _number(rec["arms"].get(pair["b"], {}).get(pair["metric"]))
-            ]
-            summary.append({"study": study_name, **pair, **paired_summary(diffs, pair["expected"])})
+    stage = proto["stage"]
+    summary = summarize_pairs(proto, seeds, headline, stage)
     cpu = sum(done[t.key]["cpu_seconds"] for t in tasks)
     return {
         "schema_version": SCHEMA_VERSION,
         "method": name,
+        "stage": stage,
         "command": command,
         "protocol": proto,
         "protocol_hash": protocol_hash(proto),
         "premise": module.premise(proto, seeds, infos),
         "arms": arms,
         "seeds": seeds,
+        "headline": [list(h) for h in headline],
         "summary": summary,
         "infos": infos,
         "wall_seconds": 0.0,
@@ -435,66 +539,6 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# --------------------------------------------------------------------------- statistics
-def paired_summary(diffs: Sequence[float], expected: str, alpha: float = 0.05) -> dict[str, Any]:
-    """Mean, sd, 95 % t-interval of paired differences; verdict; MDE at 80 % power."""
-    from scipy import stats
-
-    n = len(diffs)
-    out: dict[str, Any] = {
-        "n": n,
-        "mean": None,
-        "sd": None,
-        "ci95": None,
-        "resolved": False,
-        "direction": None,
-        "direction_reproduced": False,
-        "mde80": None,
-        "diffs": [float(d) for d in diffs],
-    }
-    if n == 0:
-        return out
-    mean = sum(diffs) / n
-    out["mean"] = mean
-    if n < 2:
-        return out
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    se = sd / math.sqrt(n)
-    tcrit = float(stats.t.ppf(1 - alpha / 2, n - 1))
-    lo, hi = mean - tcrit * se, mean + tcrit * se
-    out.update(sd=sd, ci95=[lo, hi])
-    resolved = lo > 0 or hi < 0
-    out["resolved"] = resolved
-    if resolved:
-        out["direction"] = "+" if mean > 0 else "-"
-        out["direction_reproduced"] = out["direction"] == expected
-    else:
-        out["mde80"] = minimum_detectable_effect(n, sd, alpha=alpha)
-    return out
-
-
-def minimum_detectable_effect(
-    n: int, sd: float, *, alpha: float = 0.05, power: float = 0.8
-) -> float:
-    """Smallest true mean difference a two-sided paired t-test detects with ``power``."""
-    from scipy import optimize, stats
-
-    if sd == 0:
-        return 0.0
-    df, se = n - 1, sd / math.sqrt(n)
-    tcrit = float(stats.t.ppf(1 - alpha / 2, df))
-
-    def gap(delta: float) -> float:
-        ncp = delta / se
-        p = float(stats.nct.sf(tcrit, df, ncp) + stats.nct.cdf(-tcrit, df, ncp))
-        return (1.0 if math.isnan(p) else p) - power  # NaN only far in the tail: power ~ 1
-
-    hi = se * tcrit
-    while gap(hi) < 0:  # power grows with delta: widen until the bracket holds the root
-        hi *= 1.5
-    return float(optimize.brentq(gap, 0.0, hi))
-
-
 def check(
     name: str, value: float | None, comparison: str, threshold: float, detail: str = ""
 ) -> dict[str, Any]:
@@ -525,11 +569,13 @@ def mean(values: Sequence[float]) -> float | None:
 _TOP = {
     "schema_version": int,
     "method": str,
+    "stage": str,
     "command": str,
     "protocol": dict,
     "premise": list,
     "arms": list,
     "seeds": list,
+    "headline": list,
     "summary": list,
     "wall_seconds": (int, float),
     "torch": str,
@@ -545,9 +591,35 @@ _PAIR = {
     "unit": str,
     "expected": str,
     "n": int,
-    "resolved": bool,
-    "direction_reproduced": bool,
+    "n_planned": int,
+    "missing_seeds": list,
+    "headline": bool,
+    "verdict": dict,
 }
+_PREREG = {"path": str, "sha256": str, "commit": str}
+
+
+def leaked_test_figures(result: dict[str, Any]) -> list[str]:
+    """Where an exploration result holds a figure named after the test split (a metric or
+    info key containing ``test``): it must hold none."""
+    found: list[str] = []
+
+    def walk(obj: Any, where: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if "test" in str(k).lower():
+                    found.append(f"{where}.{k}")
+                walk(v, f"{where}.{k}")
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, f"{where}[{i}]")
+
+    walk(result.get("seeds", []), "seeds")
+    walk(result.get("infos", {}), "infos")
+    for i, p in enumerate(result.get("summary", [])):
+        if "test" in str(p.get("metric", "")).lower():
+            found.append(f"summary[{i}].metric")
+    return found
 
 
 def validate(result: Any) -> list[str]:
@@ -567,7 +639,22 @@ def validate(result: Any) -> list[str]:
 
     if not need(result, _TOP, "result"):
         return errors
+    if result.get("schema_version") != SCHEMA_VERSION:
+        errors.append(
+            f"schema_version: expected {SCHEMA_VERSION}, got {result.get('schema_version')}"
+        )
+    stage = result.get("stage")
+    if stage not in ("explore", "confirm"):
+        errors.append(f"stage: expected 'explore' or 'confirm', got {stage!r}")
     proto = result.get("protocol", {})
+    if isinstance(proto, dict) and proto.get("stage") != stage:
+        errors.append(f"protocol.stage {proto.get('stage')!r} differs from stage {stage!r}")
+    if stage == "confirm":
+        need(result.get("preregistration"), _PREREG, "preregistration")
+    if stage == "explore":
+        errors += [
+            f"{w}: a test-split figure in an exploration result" for w in leaked_test_figures(result)
+        ]
     studies = proto.get("studies") if isinstance(proto, dict) else None
     if not isinstance(studies, dict) or not studies:
         errors.append("protocol.studies: expected a non-empty object")
@@ -605,17 +692,26 @@ def validate(result: Any) -> list[str]:
     n_pairs = sum(len(s.get("pairs", [])) for s in studies.values())
     if len(result.get("summary", [])) != n_pairs:
         errors.append(f"summary: expected {n_pairs} pairs, got {len(result.get('summary', []))}")
+    headline = {tuple(h) for h in result.get("headline", [])}
     for i, p in enumerate(result.get("summary", [])):
-        if not need(p, _PAIR, f"summary[{i}]"):
+        if not need(p, _PAIR, f"summary[{i}]") or any(k not in p for k in _PAIR):
             continue
+        if p["headline"] != ((p["study"], p["label"]) in headline):
+            errors.append(f"summary[{i}]: `headline` disagrees with the result's headline list")
+        v = p["verdict"]
+        if not all(isinstance(v.get(k), bool) for k in ("resolved", "reproduced")):
+            errors.append(f"summary[{i}].verdict: expected booleans `resolved`, `reproduced`")
+            continue
+        if v["reproduced"] and not (stage == "confirm" and p["headline"] and v["resolved"]):
+            errors.append(f"summary[{i}]: reproduced outside a resolved confirm headline pair")
+        if p["n"] >= 2 and not (_number(p.get("mean")) and _number(p.get("sd"))):
+            errors.append(f"summary[{i}]: mean/sd not computed")
         if p["n"] >= 2:
-            if not (_number(p.get("mean")) and _number(p.get("sd"))):
-                errors.append(f"summary[{i}]: mean/sd not computed")
-            ci = p.get("ci95")
-            if not (isinstance(ci, list) and len(ci) == 2 and all(_number(v) for v in ci)):
-                errors.append(f"summary[{i}]: ci95 not computed")
-            if not p["resolved"] and not _number(p.get("mde80")):
-                errors.append(f"summary[{i}]: unresolved without mde80")
-        if p["direction_reproduced"] and not p["resolved"]:
-            errors.append(f"summary[{i}]: direction_reproduced without a resolved interval")
+            ci = p.get("ci")
+            if not (isinstance(ci, list) and len(ci) == 2 and all(_number(x) for x in ci)):
+                errors.append(f"summary[{i}]: ci not computed")
+        if p["headline"] and p["n"] >= 2 and p.get("ci_holm") is None:
+            errors.append(f"summary[{i}]: headline pair without a Holm interval")
+        if len(p["missing_seeds"]) + p["n"] != p["n_planned"]:
+            errors.append(f"summary[{i}]: n + missing seeds != planned seeds")
     return errors

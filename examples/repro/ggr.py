@@ -34,6 +34,7 @@ from repro.train import (
     accuracy,
     batches,
     cosine,
+    eval_key,
     fashion_subsets,
     generator,
     set_lr,
@@ -57,8 +58,9 @@ def _wname(w: float) -> str:
     return f"ggr-w{w:g}"
 
 
-def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
-    n_seeds = seeds or (2 if quick else 5)
+def protocol(quick: bool, seeds: list[int] | None) -> dict[str, Any]:
+    seeds = seeds if seeds is not None else list(range(2 if quick else 5))
+    ek = eval_key()
     weights = WEIGHTS_QUICK if quick else WEIGHTS_FULL
     settings = {
         "data": "Fashion-MNIST: train and validation subsets drawn per seed (disjoint) from the "
@@ -107,7 +109,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
     }
     labels.update({f"{STUDY}/{_wname(w)}": f"+ CE + GGR, weight {w:g}" for w in weights})
 
-    def pair(label: str, a: str, b: str, metric: str = "test_acc", unit: str = "accuracy"):
+    def pair(label: str, a: str, b: str, metric: str = ek, unit: str = "accuracy"):
         return {
             "label": label,
             "a": f"{STUDY}/{a}",
@@ -128,11 +130,11 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
         "studies": {
             STUDY: {
                 "title": "Fashion-MNIST, small CNN, refinement of a converged model",
-                "seeds": list(range(n_seeds)),
+                "seeds": list(seeds),
                 "arms": q,
                 "labels": labels,
                 "columns": [
-                    ["test_acc", "test accuracy", "accuracy"],
+                    [ek, ek.replace("_acc", " accuracy"), "accuracy"],
                     ["val_acc", "validation accuracy", "accuracy"],
                     ["conv1_filter_var", "conv1 mean filter variance", ""],
                 ],
@@ -174,7 +176,7 @@ def _ggr_loss(ggr: GenerativeGradientLoss):
 def _evaluate(model: SmallCNN, vx, vy, tx, ty) -> dict[str, float]:
     return {
         "val_acc": accuracy(model, vx, vy),
-        "test_acc": accuracy(model, tx, ty),
+        eval_key(): accuracy(model, tx, ty),
         "conv1_filter_var": first_layer_filter_stats(model.conv1).mean_variance,
     }
 
@@ -326,8 +328,9 @@ def premise(
     proto: dict[str, Any], seeds: list[dict[str, Any]], infos: dict[str, Any]
 ) -> list[dict[str, Any]]:
     base, ce = f"{STUDY}/base", f"{STUDY}/ce"
+    ek = "test_acc" if proto["stage"] == "confirm" else "val_acc"
     moves = [
-        abs(rec["arms"][ce]["test_acc"] - rec["arms"][base]["test_acc"]) * 100
+        abs(rec["arms"][ce][ek] - rec["arms"][base][ek]) * 100
         for rec in seeds
         if ce in rec["arms"] and base in rec["arms"]
     ]
@@ -340,7 +343,8 @@ def premise(
     ]
     return [
         check(
-            "converged base: absolute change of test accuracy by CE-only refinement, points "
+            "converged base: absolute change of the reported accuracy by CE-only refinement, "
+            "points "
             "(mean over seeds)",
             mean(moves),
             "<",
@@ -379,7 +383,7 @@ def describe(proto: dict[str, Any]) -> list[str]:
 
 def notes(result: dict[str, Any]) -> list[str]:
     """The mechanism at every weight: conv1 filter variance, GGR - CE (generated from the JSON)."""
-    from repro.common import paired_summary
+    from repro import stats
 
     out = []
     for w in result["protocol"]["settings"]["ggr"]["weights"]:
@@ -389,12 +393,11 @@ def notes(result: dict[str, Any]) -> list[str]:
             for rec in result["seeds"]
             if arm in rec["arms"] and ce in rec["arms"]
         ]
-        p = paired_summary(diffs, "+")
-        if p["ci95"] is None:
+        p = stats.summarize(diffs)
+        if p["ci"] is None:
             continue
-        lo, hi = p["ci95"]
-        word = "higher" if p["resolved"] and p["mean"] > 0 else (
-            "lower" if p["resolved"] else "not resolved")  # fmt: skip
+        lo, hi = p["ci"]
+        word = "higher" if lo > 0 else "lower" if hi < 0 else "not resolved"
         out.append(f"* weight {w:g}: {p['mean']:+.3g} [{lo:+.3g}, {hi:+.3g}] ({word})")
     if not out:
         return []
@@ -407,15 +410,16 @@ def notes(result: dict[str, Any]) -> list[str]:
 
 
 def extra_panels(result: dict[str, Any]) -> list:
-    """Test accuracy and conv1 filter variance against the GGR weight (GGR - CE, per seed)."""
-    from repro.common import paired_summary
+    """Accuracy and conv1 filter variance against the GGR weight (GGR - CE, per seed)."""
+    from repro import stats
 
     weights = result["protocol"]["settings"]["ggr"]["weights"]
+    ek = "test_acc" if result["stage"] == "confirm" else "val_acc"
 
     def draw(ax) -> None:
         twin = ax.twinx()
         for axis, metric, scale, color, label in (
-            (ax, "test_acc", 100.0, "tab:blue", "test accuracy (points)"),
+            (ax, ek, 100.0, "tab:blue", ek.replace("_acc", " accuracy") + " (points)"),
             (twin, "conv1_filter_var", 1.0, "tab:orange", "conv1 filter variance"),
         ):
             means, los, his = [], [], []
@@ -423,9 +427,9 @@ def extra_panels(result: dict[str, Any]) -> list:
                 arm, ce = f"{STUDY}/{_wname(w)}", f"{STUDY}/ce"
                 diffs = [rec["arms"][arm][metric] - rec["arms"][ce][metric] for rec in
                          result["seeds"] if arm in rec["arms"] and ce in rec["arms"]]  # fmt: skip
-                p = paired_summary(diffs, "+")
+                p = stats.summarize(diffs)
                 m = (p["mean"] or 0.0) * scale
-                lo, hi = p["ci95"] or [p["mean"] or 0.0] * 2
+                lo, hi = p["ci"] or [p["mean"] or 0.0] * 2
                 means.append(m)
                 los.append(m - lo * scale)
                 his.append(hi * scale - m)

@@ -39,6 +39,7 @@ from repro.common import Context, Task, check, mean, seed_torch
 from repro.train import (
     accuracy,
     cosine,
+    eval_key,
     fashion_subsets,
     generator,
     set_lr,
@@ -58,9 +59,10 @@ HEADLINE = (
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
-def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
-    n_seeds = seeds or (2 if quick else 5)
-    n_time = min(n_seeds, 2 if quick else 3)
+def protocol(quick: bool, seeds: list[int] | None) -> dict[str, Any]:
+    seeds = seeds if seeds is not None else list(range(2 if quick else 5))
+    n_time = min(len(seeds), 2 if quick else 3)
+    ek = eval_key()
     settings = {
         "data": "Fashion-MNIST: train and validation subsets drawn per seed (disjoint) from the "
         "60,000 training images; test subset from the 10,000 test images",
@@ -97,7 +99,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
         "studies": {
             "final": {
                 "title": "decayed-lr SGD vs + exact refit of the head",
-                "seeds": list(range(n_seeds)),
+                "seeds": list(seeds),
                 "arms": ["final/sgd", "final/sgd+refit", "final/sgd+refit-if-better"],
                 "labels": {
                     "final/sgd": "SGD, cosine lr to 0",
@@ -105,7 +107,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
                     "final/sgd+refit-if-better": "+ refit, kept only if better on val",
                 },
                 "columns": [
-                    ["test_acc", "test accuracy", "accuracy"],
+                    [ek, ek.replace("_acc", " accuracy"), "accuracy"],
                     ["val_acc", "validation accuracy", "accuracy"],
                 ],
                 "pairs": [
@@ -113,7 +115,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
                         "label": "refit - SGD",
                         "a": "final/sgd",
                         "b": "final/sgd+refit",
-                        "metric": "test_acc",
+                        "metric": ek,
                         "unit": "accuracy",
                         "expected": "+",
                     },
@@ -121,7 +123,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
                         "label": "refit if better - SGD",
                         "a": "final/sgd",
                         "b": "final/sgd+refit-if-better",
-                        "metric": "test_acc",
+                        "metric": ek,
                         "unit": "accuracy",
                         "expected": "+",
                     },
@@ -129,14 +131,14 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
             },
             "time": {
                 "title": "pipeline (random layers + per-epoch refit) vs plain SGD, CPU time",
-                "seeds": list(range(n_time)),
+                "seeds": list(seeds[:n_time]),
                 "arms": ["time/plain", "time/pipeline"],
                 "labels": {
                     "time/plain": "plain SGD",
                     "time/pipeline": "pipeline: RandomLayerTraining + MP refit",
                 },
                 "columns": [
-                    ["test_acc", "final test accuracy", "accuracy"],
+                    [ek, "final " + ek.replace("_acc", " accuracy"), "accuracy"],
                     ["cpu_seconds", "training CPU s", "s"],
                     ["backward_cpu_seconds", "backward CPU s", "s"],
                     ["time_to_target", "CPU s to target accuracy", "s"],
@@ -146,7 +148,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
                         "label": "pipeline - plain: test accuracy",
                         "a": "time/plain",
                         "b": "time/pipeline",
-                        "metric": "test_acc",
+                        "metric": ek,
                         "unit": "accuracy",
                         "expected": "+",
                     },
@@ -276,14 +278,14 @@ def run(ctx: Context) -> dict[str, Any]:
         plain_val.append(accuracy(plain.model, vx, vy))
         if pipe is None or rlt is None:
             continue
-        plain.curve.append({"cpu": plain.cpu, "test_acc": accuracy(plain.model, cx, cy)})
+        plain.curve.append({"cpu": plain.cpu, "acc": accuracy(plain.model, cx, cy)})
         trainable.append(sum(rlt.trainable))
         bw_pipe.append(pipe.epoch(e, x, y))
         t0 = time.process_time()  # the per-epoch refinement counts in the pipeline's time
         h, hv = features(pipe.model, x), features(pipe.model, vx)
         refits.append(refit_head(pipe.model.fc, h, y, hv, vy, start="current", step_size=0.5))
         pipe.cpu += time.process_time() - t0
-        pipe.curve.append({"cpu": pipe.cpu, "test_acc": accuracy(pipe.model, cx, cy)})
+        pipe.curve.append({"cpu": pipe.cpu, "acc": accuracy(pipe.model, cx, cy)})
         if e + 1 < s["epochs"]:
             rlt.step()
     if rlt is not None:
@@ -300,21 +302,21 @@ def run(ctx: Context) -> dict[str, Any]:
     keep = chosen["val_acc"] > sgd_val
     arms: dict[str, Any] = {
         "final/sgd": {
-            "test_acc": sgd_test,
             "val_acc": sgd_val,
+            eval_key(): sgd_test,
             "val_curve": plain_val,
             "train_cpu_seconds": plain.cpu,
         },
         "final/sgd+refit": {
-            "test_acc": refit_test,
             "val_acc": chosen["val_acc"],
+            eval_key(): refit_test,
             "ridge": chosen["ridge"],
             "val_by_ridge": chosen["val_by_ridge"],
             "refit_cpu_seconds": refit_cpu,
         },
         "final/sgd+refit-if-better": {
-            "test_acc": refit_test if keep else sgd_test,
             "val_acc": max(chosen["val_acc"], sgd_val),
+            eval_key(): refit_test if keep else sgd_test,
             "kept": keep,
         },
     }
@@ -323,10 +325,10 @@ def run(ctx: Context) -> dict[str, Any]:
         fc.bias.copy_(sgd_head[1])
     arms["final/sgd"]["train_acc"] = accuracy(plain.model, x, y)
     if pipe is not None:
-        target = min(plain.curve[-1]["test_acc"], pipe.curve[-1]["test_acc"]) - 0.005
+        target = min(plain.curve[-1]["acc"], pipe.curve[-1]["acc"]) - 0.005
         for name, arm, bw in (("time/plain", plain, bw_plain), ("time/pipeline", pipe, bw_pipe)):
             arms[name] = {
-                "test_acc": sgd_test if arm is plain else accuracy(pipe.model, tx, ty),
+                eval_key(): sgd_test if arm is plain else accuracy(pipe.model, tx, ty),
                 "cpu_seconds": arm.cpu,
                 "backward_cpu_seconds": sum(bw),
                 "backward_per_epoch": bw,
@@ -343,10 +345,10 @@ def time_to(curve: list[dict[str, float]], target: float) -> float | None:
     """CPU seconds at which the accuracy curve (linear between points, from (0, 0)) hits target."""
     prev_t, prev_a = 0.0, 0.0
     for p in curve:
-        if p["test_acc"] >= target:
-            frac = (target - prev_a) / max(p["test_acc"] - prev_a, 1e-12)
+        if p["acc"] >= target:
+            frac = (target - prev_a) / max(p["acc"] - prev_a, 1e-12)
             return prev_t + frac * (p["cpu"] - prev_t)
-        prev_t, prev_a = p["cpu"], p["test_acc"]
+        prev_t, prev_a = p["cpu"], p["acc"]
     return None
 
 
@@ -411,7 +413,7 @@ def extra_panels(result: dict[str, Any]) -> list:
                     continue
                 ax.plot(
                     [p["cpu"] for p in c],
-                    [p["test_acc"] for p in c],
+                    [p["acc"] for p in c],
                     marker="o",
                     markersize=3,
                     color=color,

@@ -35,9 +35,13 @@ from repro.common import Context, Task, check, mean, seed_torch
 from repro.train import (
     accuracy,
     cosine,
-    fashion,
+    current_stage,
+    eval_key,
+    fashion_test,
+    fashion_train,
     generator,
-    mnist5k,
+    mnist5k_test,
+    mnist5k_train,
     per_class,
     pick_classes,
     set_lr,
@@ -80,8 +84,9 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
-def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
-    n_seeds = seeds or (2 if quick else 10)
+def protocol(quick: bool, seeds: list[int] | None) -> dict[str, Any]:
+    seeds = seeds if seeds is not None else list(range(2 if quick else 10))
+    ek = eval_key()
     settings = {
         "model": "SmallCNN: conv 5x5/2 (16), 3x3/2 (32), 3x3/2 (64), 3x3 (64), each + BN + "
         "ReLU; global average pooling; linear head",
@@ -137,7 +142,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
         arms = [f"{t}/{a}" for a in ARMS]
         studies[t] = {
             "title": titles[t],
-            "seeds": list(range(n_seeds)),
+            "seeds": list(seeds),
             "arms": arms,
             "labels": {
                 f"{t}/fine-tune": "fine-tune",
@@ -145,7 +150,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
                 f"{t}/rifle-cyclic": "RIFLE + cyclic head lr",
             },
             "columns": [
-                ["test_acc", "test accuracy", "accuracy"],
+                [ek, ek.replace("_acc", " accuracy"), "accuracy"],
                 ["train_acc_at_reset", "train accuracy at the reset epoch", "accuracy"],
             ],
             "pairs": [
@@ -153,7 +158,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
                     "label": "RIFLE - fine-tune",
                     "a": f"{t}/fine-tune",
                     "b": f"{t}/rifle",
-                    "metric": "test_acc",
+                    "metric": ek,
                     "unit": "accuracy",
                     "expected": "+",
                 },
@@ -161,7 +166,7 @@ def protocol(quick: bool, seeds: int | None) -> dict[str, Any]:
                     "label": "RIFLE cyclic - fine-tune",
                     "a": f"{t}/fine-tune",
                     "b": f"{t}/rifle-cyclic",
-                    "metric": "test_acc",
+                    "metric": ek,
                     "unit": "accuracy",
                     "expected": "+",
                 },
@@ -187,11 +192,17 @@ def tasks(proto: dict[str, Any]) -> list[Task]:
 
 # --------------------------------------------------------------------------- source
 def source_data(ctx: Context) -> tuple[torch.Tensor, ...]:
-    ds = fashion(ctx.data_dir)
-    x, y = pick_classes(ds.train_x, ds.train_y, SOURCE)
-    (idx,) = split(len(y), [ctx.proto["settings"]["source"]["n_train"]], generator(ctx.seed, 1))
-    tx, ty = pick_classes(ds.test_x, ds.test_y, SOURCE)
-    return x[idx], y[idx], tx, ty
+    """The source classes' training subset and the split the source model is scored on: the
+    test images of those classes (confirm stage) or held-out training images (explore)."""
+    n = ctx.proto["settings"]["source"]["n_train"]
+    x_all, y_all = fashion_train(ctx.data_dir)
+    x, y = pick_classes(x_all, y_all, SOURCE)
+    if current_stage() == "confirm":
+        (idx,) = split(len(y), [n], generator(ctx.seed, 1))
+        tx, ty = pick_classes(*fashion_test(ctx.data_dir), SOURCE)
+        return x[idx], y[idx], tx, ty
+    idx, held = split(len(y), [n, min(5_000, len(y) - n)], generator(ctx.seed, 1))
+    return x[idx], y[idx], x[held], y[held]
 
 
 def pretrain(ctx: Context) -> dict[str, Any]:
@@ -214,22 +225,33 @@ def pretrain(ctx: Context) -> dict[str, Any]:
         )
     acc = accuracy(model, tx, ty)
     torch.save(model.state_dict(), ctx.cache_path("source.pt"))
-    return {"info": {"source_test_acc": acc, "source_train_acc": accuracy(model, x, y)}}
+    return {"info": {"source_acc": acc, "source_train_acc": accuracy(model, x, y)}}
 
 
 # --------------------------------------------------------------------------- fine-tuning
 def target_data(ctx: Context, transfer: str) -> tuple[torch.Tensor, ...]:
+    """A transfer's labelled subset and its evaluation split: the test images (confirm stage)
+    or training images outside the subset (explore)."""
     cfg = ctx.proto["settings"]["transfers"][transfer]
+    confirm = current_stage() == "confirm"
     if transfer == "fashion":
-        ds = fashion(ctx.data_dir)
-        x, y = pick_classes(ds.train_x, ds.train_y, TARGET)
-        tx, ty = pick_classes(ds.test_x, ds.test_y, TARGET)
-        (idx,) = split(len(y), [cfg["n_train"]], generator(ctx.seed, 10))
-        (tidx,) = split(len(ty), [cfg["n_test"]], generator(ctx.seed, 11))
-        return x[idx], y[idx], tx[tidx], ty[tidx]
-    ds = mnist5k()
-    idx = per_class(ds.train_y, cfg["per_class"], generator(ctx.seed, 12))
-    return ds.train_x[idx], ds.train_y[idx], ds.test_x, ds.test_y
+        x, y = pick_classes(*fashion_train(ctx.data_dir), TARGET)
+        if confirm:
+            (idx,) = split(len(y), [cfg["n_train"]], generator(ctx.seed, 10))
+            tx, ty = pick_classes(*fashion_test(ctx.data_dir), TARGET)
+            (tidx,) = split(len(ty), [cfg["n_test"]], generator(ctx.seed, 11))
+            return x[idx], y[idx], tx[tidx], ty[tidx]
+        idx, held = split(len(y), [cfg["n_train"], cfg["n_test"]], generator(ctx.seed, 10))
+        return x[idx], y[idx], x[held], y[held]
+    x, y = mnist5k_train()
+    idx = per_class(y, cfg["per_class"], generator(ctx.seed, 12))
+    if confirm:
+        tx, ty = mnist5k_test()
+        return x[idx], y[idx], tx, ty
+    rest = torch.ones(len(y), dtype=torch.bool)
+    rest[idx] = False
+    held = torch.nonzero(rest).squeeze(1)[: cfg["n_test"]]
+    return x[idx], y[idx], x[held], y[held]
 
 
 def finetune(ctx: Context) -> dict[str, Any]:
@@ -341,10 +363,10 @@ class Run:
 
     def metrics(self) -> dict[str, Any]:
         return {
-            "test_acc": self.curve[-1][1],
+            eval_key(): self.curve[-1][1],
             "train_acc_final": accuracy(self.model, self.x, self.y),
             "train_acc_at_reset": self.train_acc_at_reset,
-            "test_curve": [list(p) for p in self.curve],
+            "eval_curve": [list(p) for p in self.curve],
             "train_curve": self.train_curve,
             "loss_curve": self.loss_curve,
             "resets": self.resets,
@@ -357,10 +379,10 @@ class Run:
 def premise(
     proto: dict[str, Any], seeds: list[dict[str, Any]], infos: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    src = [i["source_test_acc"] for k, i in infos.items() if k.endswith("-source")]
+    src = [i["source_acc"] for k, i in infos.items() if k.endswith("-source")]
     out = [
         check(
-            "source model: test accuracy on classes 5-9 (lowest seed)",
+            "source model: accuracy on held-out images of classes 5-9 (lowest seed)",
             min(src) if src else None,
             ">=",
             0.95,
@@ -410,9 +432,9 @@ def extra_panels(result: dict[str, Any]) -> list:
         def draw(ax, t=t, study=study) -> None:
             for arm in study["arms"]:
                 curves = [
-                    rec["arms"][arm]["test_curve"]
+                    rec["arms"][arm]["eval_curve"]
                     for rec in result["seeds"]
-                    if rec["arms"].get(arm, {}).get("test_curve")
+                    if rec["arms"].get(arm, {}).get("eval_curve")
                 ]
                 if not curves:
                     continue
@@ -423,7 +445,7 @@ def extra_panels(result: dict[str, Any]) -> list:
             for e in resets:
                 ax.axvline(e + 1, color="tab:red", linewidth=0.8, linestyle=":")
             ax.set_xlabel("epoch")
-            ax.set_ylabel("test accuracy (mean over seeds)")
+            ax.set_ylabel("accuracy (mean over seeds)")
             ax.set_title(study["title"], fontsize=9)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
@@ -439,9 +461,9 @@ def notes(result: dict[str, Any]) -> list[str]:
     """How the intervals compare with the gains the paper reports (generated from the JSON)."""
     out = []
     for p in result["summary"]:
-        if p["b"].endswith("/rifle") and p.get("ci95"):
+        if p["b"].endswith("/rifle") and p.get("ci"):
             title = result["protocol"]["studies"][p["study"]].get("title", p["study"])
-            hi = p["ci95"][1]
+            hi = p["ci"][1]
             verdict = "excludes" if hi < PAPER_SMALLEST_GAIN else "does not exclude"
             out.append(
                 f"* {title}: the 95 % interval of RIFLE - fine-tune (upper end {hi * 100:+.2f} "

