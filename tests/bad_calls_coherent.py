@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from tests.badcalls import Bad
-from torch_recal import CoherentStrongReg, compression_report
-from torch_recal.functional import coherence_statistics, soft_threshold_
+from torch_recal import CoherentStrongReg, DescentGate, compression_report
+from torch_recal.functional import coherence_statistics, group_soft_threshold_, soft_threshold_
 
 CASES: list[Bad] = []
 _REG = "CoherentStrongReg"
@@ -47,10 +47,17 @@ CASES += [
     _ctor(ValueError, "`warmup`", warmup=-1),
     _ctor(TypeError, "`warmup`", warmup=1.5),
     _ctor(ValueError, "`takeoff`", takeoff=1.0),
-    _ctor(ValueError, "`max_ratio`", max_ratio=0.0),
-    _ctor(ValueError, "`min_cosine`", min_cosine=2.0),
-    _ctor(ValueError, "`window`", window=0),
-    _ctor(TypeError, "`reactivate`", reactivate="no"),
+    _ctor(ValueError, "`max_ratio`", criterion="ratio", max_ratio=0.0),
+    _ctor(ValueError, "`min_cosine`", criterion="ratio", min_cosine=2.0),
+    _ctor(ValueError, "`window`", criterion="ratio", window=0),
+    _ctor(TypeError, "`reactivate`", criterion="ratio", reactivate="no"),
+    _ctor(TypeError, "`max_ratio`", max_ratio=2.0),  # an option of RatioRule, not of descent
+    _ctor(TypeError, "`max_undo`", criterion=DescentGate(), max_undo=0.3),  # beside an object
+    _ctor(TypeError, "`unknown`", unknown=1),
+    _ctor(TypeError, "`strength`", strength=None),  # required without a budget
+    _ctor(ValueError, "`group`", group="row"),
+    _ctor(ValueError, "`group`", group="unit", l1_mode="subgradient"),
+    _ctor(ValueError, "`total_steps`", total_steps=100),  # only with a budget
     _ctor(ValueError, "`delay`", delay=-1),
     _ctor(TypeError, "`freeze_below`", freeze_below="0.1"),
     _ctor(ValueError, "`freeze_below`", freeze_below=1.0),
@@ -198,7 +205,9 @@ CASES += [
     _load(ValueError, "`num_steps`", num_steps=-5),
     _load(ValueError, "`num_skipped`", num_skipped=7),  # more than num_steps
     _load(ValueError, "`cost_ema`", cost_ema=float("nan")),
-    _load(ValueError, "`cost_ema`", cost_ema=None),  # progress_ema is set
+    _load(ValueError, "`cost_ema`", progress_ema=0.1),  # cost_ema is not set
+    _load(ValueError, "`measured_step`", measured_step=None),  # last_step holds a change
+    _load(ValueError, "`last_step`", last_step=[torch.zeros(3)]),  # one tensor per weight
     _load(ValueError, "`ramp_start`", ramp_start=3),  # warmup=0 fixes it at delay
     _load(ValueError, "`frozen_at`", frozen_at=99),  # a step not taken yet
     _load(ValueError, "`is_active`", frozen_at=0, is_active=True),  # frozen means off
@@ -308,5 +317,29 @@ CASES += [
     ),
     Bad(
         _ST, lambda t: soft_threshold_(t[0], 1.0), TypeError, "`tensors`", _tensors, id="st-tensor"
+    ),
+    Bad(
+        "functional.group_soft_threshold_",
+        lambda t: group_soft_threshold_(t, 1.0),
+        TypeError,
+        "`tensors[1]`",
+        _tensors,
+        id="gst-int-after-float",
+    ),
+    Bad(
+        "functional.group_soft_threshold_",
+        lambda t: group_soft_threshold_(t[:1], -1.0),
+        ValueError,
+        "`threshold`",
+        _tensors,
+        id="gst-negative",
+    ),
+    Bad(
+        "functional.group_soft_threshold_",
+        lambda t: group_soft_threshold_(t[0], 1.0),
+        TypeError,
+        "`tensors`",
+        _tensors,
+        id="gst-tensor",
     ),
 ]

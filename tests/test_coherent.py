@@ -23,11 +23,18 @@ import torch
 from torch import nn
 
 from tests.distributed import needs_fsdp2, run_distributed
-from torch_recal import CoherentStrongReg, compression_report
-from torch_recal.functional import coherence_statistics, soft_threshold_
+from torch_recal import (
+    Always,
+    CoherentStrongReg,
+    DescentGate,
+    RatioRule,
+    compression_report,
+)
+from torch_recal.functional import coherence_statistics, group_soft_threshold_, soft_threshold_
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_RULE = {"criterion": "ratio", "l1_mode": "subgradient", "warmup": 0}  # the first default
+SAME = DescentGate(progress="same-batch")  # the gate measured with the step's own gradient
 
 
 def _params_with_grads(weights, grads):
@@ -70,7 +77,7 @@ def test_descent_progress_and_cost_match_hand_computation():
     lr, s = 0.1, 0.05
     params = _params_with_grads([torch.tensor(x) for x in w], [torch.tensor(x) for x in g])
     opt = torch.optim.SGD(params, lr=lr)
-    reg = CoherentStrongReg(params, strength=s, optimizer=opt, warmup=0)
+    reg = CoherentStrongReg(params, strength=s, optimizer=opt, warmup=0, criterion=SAME)
     reg.step()
     opt.step()
     reg.after_step()
@@ -85,13 +92,76 @@ def test_descent_progress_and_cost_match_hand_computation():
         np.testing.assert_allclose(p.detach().numpy(), _soft(a, lr * s), rtol=0, atol=1e-15)
 
 
-def _drive(undos, *, strength=0.1, lr=0.1, **kw):
-    """Drive the descent gate with chosen undone fractions: with plain SGD and
-    ``g = -c sign(w)`` on weights far from zero, ``progress = lr c^2 n`` and
+def test_next_batch_progress_matches_hand_computation():
+    # step 0's progress is measured at step 1 with step 1's gradient g1 (independent of the
+    # step): <g1, w0 - w1> + cost0, with w1 = soft(w0 - lr g0, lr s) and the cost of step 0's
+    # proximal step measured with g0 (it does not depend on g0's noise to first order)
+    w0 = np.array([[0.5, -0.02, 0.3], [0.0, -1.0, 0.2]])
+    g0 = np.array([[0.4, -0.1, -0.2], [0.3, 0.5, -0.6]])
+    g1 = np.array([[-0.3, 0.2, 0.1], [0.05, 0.4, -0.2]])
+    lr, s = 0.1, 0.05
+    (p,) = _params_with_grads([torch.tensor(w0)], [torch.tensor(g0)])
+    opt = torch.optim.SGD([p], lr=lr)
+    reg = CoherentStrongReg([p], strength=s, optimizer=opt, warmup=0, freeze_below=None)
+    assert reg.criterion == DescentGate(progress="next-batch")  # the default gate
+    for g in (g0, g1):
+        p.grad = torch.tensor(g)
+        reg.step()
+        opt.step()
+        reg.after_step()
+    a0 = w0 - lr * g0
+    w1 = _soft(a0, lr * s)
+    cost0 = (g0 * (w1 - a0)).sum()
+    progress0 = (g1 * (w0 - w1)).sum() + cost0
+    first, second = reg.history
+    assert first["cost"] == pytest.approx(cost0, rel=1e-12)
+    assert first["progress"] == pytest.approx(progress0, rel=1e-12)
+    assert first["undo"] == pytest.approx(cost0 / progress0, rel=1e-12)
+    assert second["progress"] is None  # measured at the next step
+    state = reg.state_dict()
+    assert state["measured_step"] == 1 and state["measured_applied"] is True
+    a1 = w1 - lr * g1
+    np.testing.assert_allclose(state["last_step"][0].numpy(), w1 - _soft(a1, lr * s), atol=1e-15)
+
+
+def _equilibrium_run(progress: str, sigma: float, steps: int = 60) -> list[bool]:
+    """Start at the exact proximal-gradient equilibrium of ``1/2 |w - a|^2 + s |w|_1``
+    (``w* = soft(a, s)``, plain SGD), with gradient noise of sd ``sigma``: the regulariser
+    undoes all the optimizer's progress there (undo = 1 in expectation)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 50, generator=g, dtype=torch.float64)
+    s = 0.5
+    p = nn.Parameter(torch.sign(a) * (a.abs() - s).clamp_min(0))
+    opt = torch.optim.SGD([p], lr=0.1)
+    gate = DescentGate(progress=progress)
+    reg = CoherentStrongReg([p], strength=s, optimizer=opt, warmup=0, criterion=gate,
+                            freeze_below=None)  # fmt: skip
+    active = []
+    for _ in range(steps):
+        p.grad = (p.detach() - a) + sigma * torch.randn(40, 50, generator=g, dtype=torch.float64)
+        reg.step()
+        opt.step()
+        reg.after_step()
+        active.append(reg.is_active)
+    return active
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.1, 1.0, 3.0])
+def test_at_an_l1_equilibrium_the_next_batch_gate_switches_off_whatever_the_noise(sigma):
+    active = _equilibrium_run("next-batch", sigma)
+    assert not all(active[:3])  # off as soon as the first measurement is in
+    if sigma >= 1.0:  # the same-batch progress carries the step's own noise: it stays on
+        assert all(_equilibrium_run("same-batch", sigma))
+
+
+def _drive(undos, *, strength=0.1, lr=0.1, smoothing=0.0, **kw):
+    """Drive the descent gate (same-batch progress) with chosen undone fractions: with plain
+    SGD and ``g = -c sign(w)`` on weights far from zero, ``progress = lr c^2 n`` and
     ``cost = lr s c n``, so ``undo = s / c``."""
     p = nn.Parameter(torch.full((3, 4), 10.0, dtype=torch.float64))
     opt = torch.optim.SGD([p], lr=lr)
-    kw = {"warmup": 0, "smoothing": 0.0, **kw}
+    gate = DescentGate(progress="same-batch", smoothing=smoothing)
+    kw = {"warmup": 0, "criterion": gate, **kw}
     reg = CoherentStrongReg([p], strength=strength, optimizer=opt, **kw)
     seen = []
     for undo in undos:
@@ -127,7 +197,14 @@ def test_descent_gate_smooths_progress_and_cost_separately():
     assert seen[-1] == (ema_c <= 0.5 * ema_p)
 
 
-def test_descent_criterion_does_not_depend_on_the_number_of_parameters():
+def _measured(history, key):
+    """The entries' ``key`` where the measurement is complete (the next-batch progress of
+    the last step is measured at the next one)."""
+    return [h[key] for h in history if h.get("progress") is not None]
+
+
+@pytest.mark.parametrize("progress", ["same-batch", "next-batch"])
+def test_descent_criterion_does_not_depend_on_the_number_of_parameters(progress):
     """Two independent copies of a network trained side by side on the same data give the
     same undone fraction and the same decisions as one copy (sums double, ratios do not)."""
 
@@ -136,7 +213,8 @@ def test_descent_criterion_does_not_depend_on_the_number_of_parameters():
         params = [p for m in models for p in m.parameters()]
         opt = torch.optim.SGD(params, lr=0.5)
         named = [(f"{i}.{n}", p) for i, m in enumerate(models) for n, p in m.named_parameters()]
-        reg = CoherentStrongReg(named, strength=0.1, optimizer=opt, warmup=0)
+        gate = DescentGate(progress=progress)
+        reg = CoherentStrongReg(named, strength=0.1, optimizer=opt, warmup=0, criterion=gate)
         for x, y in _batches(12):
             opt.zero_grad()
             sum(nn.functional.cross_entropy(m(x), y) for m in models).backward()
@@ -148,11 +226,13 @@ def test_descent_criterion_does_not_depend_on_the_number_of_parameters():
     one, two = run(1), run(2)
     assert [h["active"] for h in one] == [h["active"] for h in two]
     assert len({h["active"] for h in one}) == 2  # the gate acted
-    assert [h["undo"] for h in two] == pytest.approx([h["undo"] for h in one], rel=1e-4)
-    assert [h["progress"] for h in two] == pytest.approx([2 * h["progress"] for h in one], rel=1e-4)
+    assert _measured(two, "undo") == pytest.approx(_measured(one, "undo"), rel=1e-4)
+    doubled = [2 * p for p in _measured(one, "progress")]
+    assert _measured(two, "progress") == pytest.approx(doubled, rel=1e-4)
 
 
-def test_descent_criterion_is_invariant_to_the_gradient_scale():
+@pytest.mark.parametrize("progress", ["same-batch", "next-batch"])
+def test_descent_criterion_is_invariant_to_the_gradient_scale(progress):
     """A loss scaled by k (a GradScaler's scale, a sum instead of a mean) scales the
     gradient, the optimizer's step and both first-order changes alike: for SGD the undone
     fraction only depends on the step, so scale the lr by 1/k to keep the same step."""
@@ -160,7 +240,10 @@ def test_descent_criterion_is_invariant_to_the_gradient_scale():
     def run(k):
         model = _mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.1 / k)
-        reg = CoherentStrongReg(model.named_parameters(), strength=0.3 * k, optimizer=opt, warmup=0)
+        gate = DescentGate(progress=progress)
+        reg = CoherentStrongReg(
+            model.named_parameters(), strength=0.3 * k, optimizer=opt, warmup=0, criterion=gate
+        )
         for x, y in _batches(6):
             opt.zero_grad()
             (k * nn.functional.cross_entropy(model(x), y)).backward()
@@ -170,7 +253,7 @@ def test_descent_criterion_is_invariant_to_the_gradient_scale():
         return reg.history
 
     a, b = run(1.0), run(64.0)
-    assert [h["undo"] for h in b] == pytest.approx([h["undo"] for h in a], rel=1e-4)
+    assert _measured(b, "undo") == pytest.approx(_measured(a, "undo"), rel=1e-4)
     assert [h["active"] for h in a] == [h["active"] for h in b]
 
 
@@ -179,7 +262,8 @@ def _progress_run(progress, **kw):
     ``lr c^2 n``, so ``c`` sets it; ``smoothing=0`` makes the average the last value."""
     p = nn.Parameter(torch.full((2, 2), 10.0, dtype=torch.float64))
     opt = torch.optim.SGD([p], lr=0.1)
-    reg = CoherentStrongReg([p], strength=1e-3, optimizer=opt, smoothing=0.0, **kw)
+    gate = DescentGate(progress="same-batch", smoothing=0.0)
+    reg = CoherentStrongReg([p], strength=1e-3, optimizer=opt, criterion=gate, **kw)
     for value in progress:
         p.grad = math.sqrt(value / (0.1 * 4)) * torch.ones(2, 2, dtype=torch.float64)
         reg.step()
@@ -465,8 +549,9 @@ def _digits_run(epochs=12, **reg_kwargs):
 @pytest.mark.slow
 def test_gate_stays_on_while_learning_converges():
     """Near convergence the optimizer's progress shrinks, and so does the regulariser's
-    cost: the gate must not switch off merely because the gradient gets small."""
-    acc, report, reg = _digits_run(strength=0.01, epochs=15)
+    cost: the gate (same-batch progress) must not switch off merely because the gradient
+    gets small."""
+    acc, report, reg = _digits_run(strength=0.01, epochs=15, criterion=SAME)
     history = list(reg.history)
     last = history[-3 * 29 :]  # the last three epochs (29 steps each)
     assert all(h["active"] for h in last)
@@ -480,7 +565,7 @@ def test_gate_stays_on_while_learning_converges():
 def test_gate_switches_off_when_strong_regularisation_collapses_training():
     always_acc, _, _ = _digits_run(strength=0.1, criterion="always", warmup=0)
     assert always_acc < 0.2  # collapsed: chance is 0.1
-    acc, report, reg = _digits_run(strength=0.1)
+    acc, report, reg = _digits_run(strength=0.1, criterion=SAME)
     active = [h["active"] for h in reg.history]
     switches = [i for i in range(1, len(active)) if active[i] != active[i - 1]]
     assert switches  # the gate switched the regulariser off (and on again)
@@ -618,8 +703,9 @@ def _scaler_run(scaler, inject_inf_at=None, steps=10):
     model = _mlp(hidden=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     reg = CoherentStrongReg(
-        model.named_parameters(), strength=0.3, optimizer=opt, warmup=0, scaler=scaler
-    )
+        model.named_parameters(), strength=0.3, optimizer=opt, warmup=0, scaler=scaler,
+        criterion=SAME,
+    )  # fmt: skip
     reg.attach()
     weights = []
     for i, (x, y) in enumerate(_batches(steps)):
@@ -661,7 +747,9 @@ def test_bf16_autocast_gives_the_fp32_decisions():
     def run(autocast):
         model = _mlp(hidden=32)
         opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-        reg = CoherentStrongReg(model.named_parameters(), strength=0.3, optimizer=opt, warmup=0)
+        reg = CoherentStrongReg(
+            model.named_parameters(), strength=0.3, optimizer=opt, warmup=0, criterion=SAME
+        )
         reg.attach()
         for x, y in _batches(12):
             opt.zero_grad()
@@ -721,7 +809,9 @@ def test_prox_without_learning_rate_is_a_runtime_error_before_anything_changes()
 def test_non_finite_gradient_skips_the_step_with_a_warning_and_keeps_the_state():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    reg = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0)
+    reg = CoherentStrongReg(
+        model.named_parameters(), strength=0.05, optimizer=opt, warmup=0, criterion=SAME
+    )
     batches = _batches(3)
     _manual_step(model, opt, reg, *batches[0])
     state = reg.state_dict()
@@ -792,8 +882,13 @@ def test_ddp_decisions_and_weights_identical_on_every_rank():
 
 _FSDP_CASES = [
     {"l1_mode": "subgradient", **RATIO_RULE, "max_ratio": 1.0},  # the ratio rule switches
-    {"l1_mode": "prox", "criterion": "descent", "warmup": 0},  # the descent rule switches
+    {"l1_mode": "prox", "criterion": SAME, "warmup": 0},  # the descent rule switches
+    {"l1_mode": "prox", "criterion": DescentGate(), "warmup": 0},  # next-batch progress
 ]
+
+
+def i_case(case: dict) -> int:
+    return next(i for i, c in enumerate(_FSDP_CASES) if c is case)
 
 
 def _coherent_run(case: dict, rank: int | None, world_size: int = 2, hsdp: bool = False) -> dict:
@@ -812,7 +907,7 @@ def _coherent_run(case: dict, rank: int | None, world_size: int = 2, hsdp: bool 
         fully_shard(model[0], mesh=mesh)
         fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    strength = 0.05 if case["criterion"] == "ratio" else 0.1
+    strength = 0.05 if case["criterion"] == "ratio" else 0.1 if i_case(case) < 2 else 0.02
     reg = CoherentStrongReg(model.named_parameters(), strength=strength, optimizer=opt, **case)
     reg.attach()
     part = 32 // world_size
@@ -840,7 +935,8 @@ def test_fsdp2_sharded_parameters_give_the_single_process_run(hsdp):
     ranks = run_distributed(_fsdp_worker, hsdp, world_size=4 if hsdp else 2)
     for i, case in enumerate(_FSDP_CASES):
         ref = _coherent_run(case, None)
-        assert len({h["active"] for h in ref["history"]}) == 2  # the gate switched
+        if i < 2:
+            assert len({h["active"] for h in ref["history"]}) == 2  # the gate switched
         assert ref["zeros"] > 0 or case["criterion"] == "ratio"  # prox made exact zeros
         keys = ("cosine", "ratio", "grad_norm") if case["criterion"] == "ratio" else ("undo",)
         for out in ranks:
@@ -849,6 +945,8 @@ def test_fsdp2_sharded_parameters_give_the_single_process_run(hsdp):
             for key in (*keys, "progress", "cost"):  # whole-tensor statistics, not a shard's
                 a = [h[key] for h in got["history"]]
                 b = [h[key] for h in ref["history"]]
+                assert [v is None for v in a] == [v is None for v in b], key
+                a, b = [v for v in a if v is not None], [v for v in b if v is not None]
                 assert a == pytest.approx(b, rel=1e-3, abs=1e-7), key
             for a, b in zip(got["params"], ref["params"], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -958,3 +1056,96 @@ def test_freeze_below_freezes_at_the_first_step_below_the_fraction_of_the_peak(
     assert reg.state_dict()["frozen_at"] == frozen_at
     assert reg.frozen == (frozen_at is not None)
     assert reg.state_dict()["peak_lr"] == pytest.approx(max(lrs[: frozen_at or len(lrs)]))
+
+
+# ----------------------------------------------------------------------------- one shape
+def test_every_earlier_call_form_builds_the_same_criterion():
+    p = nn.Parameter(torch.ones(3, 3))
+    legacy = CoherentStrongReg([p], strength=0.1, lr=0.1, max_undo=0.3, smoothing=0.5)
+    assert legacy.criterion == DescentGate(max_undo=0.3, smoothing=0.5)
+    ratio = CoherentStrongReg([p], strength=0.1, lr=0.1, criterion="ratio", window=3,
+                              reactivate=False)  # fmt: skip
+    assert ratio.criterion == RatioRule(window=3, reactivate=False)
+    assert CoherentStrongReg([p], strength=0.1, criterion="always").criterion == Always()
+    assert CoherentStrongReg([p], strength=0.1, lr=0.1).criterion == DescentGate()
+    with pytest.raises(TypeError, match="`window` is an option of RatioRule"):
+        CoherentStrongReg([p], strength=0.1, lr=0.1, window=3)
+    with pytest.raises(TypeError, match="belongs in the criterion object"):
+        CoherentStrongReg([p], strength=0.1, lr=0.1, criterion=DescentGate(), max_undo=0.2)
+
+
+def test_the_constructor_takes_fewer_arguments_than_before():
+    import inspect
+
+    named = [
+        n
+        for n, q in inspect.signature(CoherentStrongReg).parameters.items()
+        if q.kind is not q.VAR_KEYWORD
+    ]
+    assert len(named) < 21  # 21 before the criteria became objects
+    for option in ("max_undo", "resume_undo", "smoothing", "max_ratio", "window"):
+        assert option not in named  # they live with their criterion
+
+
+def test_a_state_saved_before_the_next_batch_progress_loads():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0)
+    for x, y in _batches(3):
+        _manual_step(model, opt, reg, x, y)
+    old = {
+        k: v
+        for k, v in reg.state_dict().items()
+        if k not in ("measured_step", "measured_cost", "measured_applied", "last_step")
+    }
+    fresh = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0)
+    fresh.load_state_dict(old)
+    state = fresh.state_dict()
+    assert state["num_steps"] == 3 and state["measured_step"] is None
+    assert state["last_step"] is None
+    x, y = _batches(4)[3]
+    _manual_step(model, opt, fresh, x, y)  # the first step after it measures nothing yet
+    assert fresh.history[-1]["progress"] is None and fresh.state_dict()["measured_step"] == 3
+
+
+# ----------------------------------------------------------------------------- group="unit"
+def _group_soft(w, t):
+    rows = w.reshape(w.shape[0], -1)
+    norms = np.linalg.norm(rows, axis=1)
+    cut = t * math.sqrt(rows.shape[1])
+    scale = np.where(norms > cut, 1 - cut / np.maximum(norms, 1e-300), 0.0)
+    return (rows * scale[:, None]).reshape(w.shape)
+
+
+def test_group_soft_threshold_matches_numpy_and_kills_whole_units():
+    rng = np.random.default_rng(0)
+    w = [
+        rng.normal(size=(6, 5)),
+        rng.normal(size=(4, 2, 3, 3)) * np.array([0.1, 0.3, 1.0, 2.0])[:, None, None, None],
+    ]
+    ts = [torch.tensor(x) for x in w]
+    group_soft_threshold_(ts, 0.5)
+    for t, x in zip(ts, w, strict=True):
+        ref = _group_soft(x, 0.5)
+        np.testing.assert_allclose(t.numpy(), ref, rtol=1e-12, atol=1e-15)
+        units = t.reshape(t.shape[0], -1)
+        dead = (units == 0).all(1)
+        assert dead.any() and bool(((units != 0).all(1) | dead).all())  # whole units only
+
+
+def test_group_unit_prox_step_and_its_cost_match_hand_computation():
+    w = np.array([[0.5, -0.2, 0.1], [0.05, 0.02, -0.01], [1.0, 2.0, -2.0]])
+    g = np.array([[0.4, -0.1, 0.2], [0.3, 0.5, -0.6], [-0.1, 0.2, 0.3]])
+    lr, s = 0.1, 0.5
+    (p,) = _params_with_grads([torch.tensor(w)], [torch.tensor(g)])
+    opt = torch.optim.SGD([p], lr=lr)
+    reg = CoherentStrongReg([p], strength=s, optimizer=opt, warmup=0, group="unit",
+                            criterion=SAME)  # fmt: skip
+    reg.step()
+    opt.step()
+    reg.after_step()
+    after = w - lr * g
+    ref = _group_soft(after, lr * s)
+    np.testing.assert_allclose(p.detach().numpy(), ref, rtol=1e-12, atol=1e-15)
+    assert (ref[1] == 0).all() and (ref[0] != 0).all()  # the small unit died as a whole
+    assert reg.history[0]["cost"] == pytest.approx((g * (ref - after)).sum(), rel=1e-12)

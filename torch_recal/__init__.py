@@ -6,14 +6,16 @@
 * :class:`RifleScheduler`, :func:`find_classifier` (RIFLE, arXiv 2007.03349)
 * :func:`pinv_refit_dense`, :class:`NormalEquations`, :class:`RandomLayerTraining` (fast
   retraining, arXiv 2008.07387)
-* :class:`CoherentStrongReg`, :func:`compression_report` (gradient-coherent strong L1/L2
-  regularisation, arXiv 1811.08056)
+* :class:`CoherentStrongReg` with its criteria :class:`DescentGate`, :class:`RatioRule`,
+  :class:`Always`, :class:`Budget`, and :func:`compression_report` (gradient-coherent strong
+  L1/L2 regularisation, arXiv 1811.08056)
 """
 
 from torch_recal import functional, models
 from torch_recal._compile import compile_enabled, set_compile
 from torch_recal.calibration import ResponseCalibration
 from torch_recal.coherent import CoherentStrongReg, CompressionReport, compression_report
+from torch_recal.criteria import Always, Budget, DescentGate, RatioRule
 from torch_recal.generative import (
     FilterStats,
     GenerativeGradientLoss,
@@ -29,12 +31,16 @@ from torch_recal.surgery import calibrate, is_calibrated, register_block, uncali
 __version__ = "0.1.0"
 
 __all__ = [
+    "Always",
+    "Budget",
     "CoherentStrongReg",
     "CompressionReport",
+    "DescentGate",
     "FilterStats",
     "GenerativeGradientLoss",
     "NormalEquations",
     "RandomLayerTraining",
+    "RatioRule",
     "ReferenceDecoder",
     "RefitResult",
     "ResponseCalibration",

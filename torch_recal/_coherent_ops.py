@@ -5,7 +5,7 @@ subgradient with its zero truncation, and sums over FSDP2 shards."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch_recal._checks import (
     check_state_keys,
 )
 from torch_recal.compression import is_weight
-from torch_recal.functional import coherence_statistics
+from torch_recal.functional import coherence_statistics, group_shrink_factor
 
 _WHO = "CoherentStrongReg"
 
@@ -104,6 +104,7 @@ class Pending:
     ratio_stats: dict[str, float] = field(default_factory=dict)
     zeros: list[Tensor] | None = None  # frozen zero pattern: masks of the zeros before the step
     peak_lr: float | None = None  # the peak learning rate including this step's
+    net_before: Tensor | None = None  # next-batch progress of the last step (device scalar)
 
 
 def dots(a: list[Tensor], b: list[Tensor]) -> Tensor:
@@ -115,13 +116,21 @@ def dots(a: list[Tensor], b: list[Tensor]) -> Tensor:
 
 
 def first_order_cost(
-    grads: list[Tensor], weights: list[Tensor], thresholds: list[float], kind: str
+    grads: list[Tensor],
+    weights: list[Tensor],
+    thresholds: list[float],
+    kind: str,
+    group: str | None = None,
 ) -> Tensor:
     """Per tensor, the first-order loss change ``<g, w_reg - w>`` of the decoupled
-    regulariser step: soft-threshold by ``t`` (L1), or ``w <- w - t w`` (L2)."""
+    regulariser step: soft-threshold by ``t`` (L1; per unit with ``group="unit"``), or
+    ``w <- w - t w`` (L2)."""
     out = []
     for g, w, t in zip(grads, weights, thresholds, strict=True):
-        if kind == "l1":
+        if kind == "l1" and group == "unit":
+            keep = group_shrink_factor(w, t).reshape(-1, *([1] * (w.ndim - 1)))
+            out.append(-torch.vdot(g.reshape(-1), (w * (1 - keep)).reshape(-1)).double())
+        elif kind == "l1":
             step = w.sign() * w.abs().clamp_max(t)  # w - soft_threshold(w, t)
             out.append(-torch.vdot(g.reshape(-1), step.reshape(-1)).double())
         else:
@@ -204,7 +213,7 @@ def check_gate_state(
 ) -> dict[str, Any]:
     """The checked copy of a :meth:`~torch_recal.CoherentStrongReg.state_dict` (types,
     ranges, and consistency between the fields and with ``warmup`` and ``delay``)."""
-    state = check_state_keys(state, list(keys), who=who)
+    state = check_state_keys(state, [*keys, "last_step"], who=who)
     new: dict[str, Any] = {}
     for key in ("num_steps", "num_skipped", "streak"):
         new[key] = check_int(state[key], key, who=who, minimum=0)
@@ -237,28 +246,78 @@ def check_gate_state(
             raise ValueError(f"{who}: `frozen_at` must be < `num_steps`, got {new}")
         if new["is_active"]:
             raise ValueError(f"{who}: `is_active` must be False once `frozen_at` is set")
+    new["measured_step"] = check_optional_int(state["measured_step"], "measured_step", who=who,
+                                              minimum=0)  # fmt: skip
+    new["measured_cost"] = check_optional_real(state["measured_cost"], "measured_cost", who=who)
+    new["measured_applied"] = check_flag(state["measured_applied"], "measured_applied", who=who)
+    if (new["measured_step"] is None) != (new["measured_cost"] is None):
+        raise ValueError(f"{who}: `measured_step` and `measured_cost` must both be set or None")
+    if new["measured_step"] is not None and new["measured_step"] >= new["num_steps"]:
+        raise ValueError(f"{who}: `measured_step` must be < `num_steps`, got {new}")
+    if (new["measured_step"] is None) != (state["last_step"] is None):
+        raise ValueError(
+            f"{who}: `measured_step` and `last_step` must both be set (a step's change awaits "
+            "its measurement) or both be None"
+        )
     return new
 
 
-def survivors(weights: list[Tensor], thresholds: list[float], params: list[Tensor]) -> Tensor:
+# keys a state saved before the next-batch progress lacks, with the values it implies
+OPTIONAL_STATE: dict[str, Any] = {
+    "measured_step": None,
+    "measured_cost": None,
+    "measured_applied": False,
+    "last_step": None,
+}
+
+
+def survivors(
+    weights: list[Tensor], thresholds: list[float], params: list[Tensor], group: str | None = None
+) -> Tensor:
     """Per tensor (whole tensors: DTensor slices summed over their shards), ``[number of
-    non-zero entries, number with |w| > threshold]``, shape ``(2, n)``, float64."""
-    counts = (
-        torch.stack(
-            [
-                torch.stack([torch.count_nonzero(w), torch.count_nonzero(w.abs() > t)])
-                for w, t in zip(weights, thresholds, strict=True)
-            ]
-        )
-        .double()
-        .T.contiguous()
-    )
+    non-zero entries, number the proximal step keeps]`` (units with ``group="unit"``),
+    shape ``(2, n)``, float64."""
+    rows = []
+    for w, t in zip(weights, thresholds, strict=True):
+        if group == "unit":
+            units = w.reshape(w.shape[0], -1)
+            alive = torch.count_nonzero(units.abs().amax(1) > 0)
+            rows.append(torch.stack([alive, torch.count_nonzero(group_shrink_factor(w, t))]))
+        else:
+            rows.append(torch.stack([torch.count_nonzero(w), torch.count_nonzero(w.abs() > t)]))
+    counts = torch.stack(rows).double().T.contiguous()
     sharded = [i for i, p in enumerate(params) if _dist.is_dtensor(p)]
     if sharded:
         part = counts[:, sharded].contiguous()
         _dist.all_reduce_over_shards_(part, params[sharded[0]])
         counts[:, sharded] = part
     return counts
+
+
+def check_last_step(value: Any, params: Sequence[Tensor], who: str) -> list[Tensor] | None:
+    """The checked copy of the state's ``last_step`` (the last step's weight change, one
+    tensor per regularised tensor with its local shape; ``None``: nothing to measure)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != len(params):
+        raise ValueError(
+            f"{who}: `last_step` must be None or a list of {len(params)} tensors (one per "
+            f"regularised tensor), got {type(value).__name__}"
+        )
+    out = []
+    for i, (v, p) in enumerate(zip(value, params, strict=True)):
+        local = _dist.local_tensor(p)
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{who}: `last_step[{i}]` must be a tensor, got {type(v).__name__}")
+        if v.shape != local.shape:
+            raise ValueError(
+                f"{who}: `last_step[{i}]` must have shape {tuple(local.shape)}, "
+                f"got {tuple(v.shape)}"
+            )
+        if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{who}: `last_step[{i}]` must be finite floating point")
+        out.append(v.detach().to(device=local.device, dtype=local.dtype).clone())
+    return out
 
 
 # --------------------------------------------------------------------------- gate updates

@@ -9,6 +9,7 @@ https://arxiv.org/abs/1811.08056
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -25,13 +26,16 @@ from torch_recal._checks import (
     check_flag,
     check_instance,
     check_int,
+    check_optional_int,
     check_optional_real,
     check_real,
 )
 from torch_recal._coherent_ops import (
+    OPTIONAL_STATE,
     Pending,
     add_to_grad_,
     check_gate_state,
+    check_last_step,
     check_one_mesh,
     descent_switch,
     dots,
@@ -52,55 +56,74 @@ from torch_recal.compression import (
     LayerSparsity,
     compression_report,
 )
-from torch_recal.functional import soft_threshold_
+from torch_recal.criteria import (
+    Always,
+    Budget,
+    Criterion,
+    DescentGate,
+    RatioRule,
+    resolve_criterion,
+)
+from torch_recal.functional import group_soft_threshold_, soft_threshold_
 
 __all__ = [
+    "Always",
     "Attachment",
+    "Budget",
     "CoherentStrongReg",
     "CompressionReport",
+    "DescentGate",
     "LayerSparsity",
+    "RatioRule",
     "compression_report",
 ]
 
 Kind = Literal["l1", "l2"]
 L1Mode = Literal["prox", "subgradient"]
-Criterion = Literal["descent", "ratio", "always"]
+Group = Literal["unit"] | None
 
 _KINDS = ("l1", "l2")
 _L1_MODES = ("prox", "subgradient")
-_CRITERIA = ("descent", "ratio", "always")
 _WHO = "CoherentStrongReg"
 _log = logging.getLogger("torch_recal")
 
 
 class CoherentStrongReg:
-    """Strong L1/L2 regularisation imposed only while the gradients stay coherent.
+    """Strong L1/L2 regularisation imposed only while the gradients stay coherent, or to a
+    compression budget.
 
-    Attach it to the optimizer once (``reg.attach()``; the optimizer's step hooks then run
-    it, also with ``optimizer.step(closure)``, fused/foreach optimizers, gradient clipping
-    and ``torch.amp.GradScaler``), or call :meth:`step` after ``loss.backward()`` and
-    :meth:`after_step` after ``optimizer.step()`` yourself.
-
-    While it is on: proximal L1 (``l1_mode="prox"``, default) soft-thresholds the weights
+    *What* is applied: proximal L1 (``l1_mode="prox"``, default) soft-thresholds the weights
     after the optimizer's step, ``w <- sign(w) max(|w| - lr * strength, 0)``, so removed
-    weights are exact zeros; subgradient L1 adds ``strength * sign(w)`` to ``.grad`` (the
-    minimum-norm subgradient at ``w == 0``) and truncates zero crossings to exact zeros; L2
-    adds ``strength * w`` (exactly SGD's ``weight_decay``). When it is on is decided by the
-    ``criterion`` (see the module docstring and ``docs/methods/coherent.md``):
+    weights are exact zeros; with ``group="unit"`` it shrinks each output unit's incoming
+    weights (a row of a Linear, an output channel of a conv) as a group,
+    ``w_u <- w_u max(0, 1 - lr * strength * sqrt(n_u) / ||w_u||)``, so whole units die (and
+    :func:`~torch_recal.shrink` can remove them); subgradient L1 adds ``strength * sign(w)``
+    to ``.grad`` (the minimum-norm subgradient at ``w == 0``) and truncates zero crossings to
+    exact zeros; L2 adds ``strength * w`` (exactly SGD's ``weight_decay``).
 
-    * ``"descent"`` (default): off when the regulariser's step undoes more than ``max_undo``
-      of the optimizer's first-order progress on the loss (smoothed), on again below
-      ``resume_undo``;
-    * ``"ratio"``: the first default of this library (off after ``window`` steps with
-      ``|r| / |g| > max_ratio`` or ``cos(g, r) < min_cosine``, ``|r| = strength sqrt(n)``
-      for L1); it measured poorly and is kept by name;
-    * ``"always"``: on at every step after ``delay`` (the plain and delayed baselines).
+    *When and how strongly* is the ``criterion`` (:mod:`torch_recal.criteria`):
+
+    * :class:`~torch_recal.DescentGate` (``"descent"``): off when the regulariser's step
+      undoes more than ``max_undo`` of the optimizer's first-order progress on the loss
+      (smoothed), on again below ``resume_undo``; the progress is measured with the next
+      mini-batch's gradient (unbiased) by default;
+    * :class:`~torch_recal.RatioRule` (``"ratio"``): the library's first default (norm ratio
+      and cosine of the loss and regulariser gradients); it measured poorly, kept by name;
+    * :class:`~torch_recal.Always` (``"always"``): on at every step after ``delay`` (the plain
+      and delayed baselines);
+    * :class:`~torch_recal.Budget` (``target_sparsity=``): reach that share of exact zeros by
+      the end of training, then keep the zero pattern; no strength to search.
 
     At the end of a decayed learning-rate schedule (``freeze_below``, default 0.1: once the
     learning rate is below a tenth of the largest it has been) the regulariser stops for good
     and the weights that are exactly zero stay zero: the zero pattern is frozen and the other
     weights finish training without the penalty's shrinkage. With a constant learning rate
-    this never happens.
+    this never happens (a budget then needs ``total_steps``).
+
+    Attach it to the optimizer once (``reg.attach()``; the optimizer's step hooks then run
+    it, also with ``optimizer.step(closure)``, fused/foreach optimizers, gradient clipping
+    and ``torch.amp.GradScaler``), or call :meth:`step` after ``loss.backward()`` and
+    :meth:`after_step` after ``optimizer.step()`` yourself.
 
     Which tensors: by default (``weights_only=True``) the weights of conv/linear layers,
     told apart from biases and norm parameters as the tensors with at least 2 dims whose
@@ -108,28 +131,32 @@ class CoherentStrongReg:
     them). Frozen tensors (``requires_grad=False``) are skipped.
 
     Paper: Park et al., "Gradient-Coherent Strong Regularization for Deep Neural Networks",
-    https://arxiv.org/abs/1811.08056 (the criteria are this library's; see
+    https://arxiv.org/abs/1811.08056 (the criteria and the budget are this library's; see
     ``docs/methods/coherent.md`` for what is verified and what is chosen).
 
     Args:
         params: parameters or ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
+        strength: the regularisation strength (lambda), a positive float; required unless a
+            budget is given (with a budget it is where the strength starts, default chosen
+            by the budget).
+        target_sparsity: a compression budget, in ``(0, 1)``: shorthand for
+            ``criterion=Budget(target_sparsity, total_steps=total_steps)``.
         kind: ``"l1"`` or ``"l2"``.
-        strength: the regularisation strength (lambda), a positive float.
         l1_mode: ``"prox"`` (default; the learning rate comes from ``optimizer`` or ``lr``)
             or ``"subgradient"``.
-        criterion: ``"descent"`` (default), ``"ratio"`` or ``"always"``.
-        max_undo: ``"descent"``: switch off above this undone fraction (> 0).
-        resume_undo: ``"descent"``: switch back on below it (``0 < resume_undo <= max_undo``).
-        smoothing: ``"descent"``: EMA factor of the progress and the cost, in ``[0, 1)``.
-        warmup: ``"auto"`` (wait for take-off, then ramp the strength; see the module
-            docstring), or a number of steps over which the strength ramps up linearly from
+        group: ``None`` (each weight on its own) or ``"unit"`` (group L1 over each output
+            unit's incoming weights; needs ``kind="l1"`` and ``l1_mode="prox"``).
+        criterion: a criterion object (:class:`~torch_recal.DescentGate`,
+            :class:`~torch_recal.RatioRule`, :class:`~torch_recal.Always`,
+            :class:`~torch_recal.Budget`) or one of ``"descent"`` (default), ``"ratio"``,
+            ``"always"``.
+        total_steps: the run's number of optimizer steps, for a budget (needed when the
+            learning rate does not decay).
+        warmup: ``"auto"`` (wait for take-off, then ramp the strength; see the card), or a
+            number of steps over which the strength ramps up linearly from
             ``strength / warmup`` (``0``: full strength at once).
         takeoff: ``warmup="auto"``: the growth of the optimizer's progress over its level
             in the first steps that counts as take-off (> 1).
-        max_ratio: ``"ratio"``: incoherent when ``|r| / |g| > max_ratio`` (``None``: unused).
-        min_cosine: ``"ratio"``: incoherent when ``cos(g, r) < min_cosine`` (``None``: unused).
-        window: ``"ratio"``: consecutive incoherent (coherent) steps to switch off (on).
-        reactivate: ``"ratio"``: switch back on after ``window`` coherent steps.
         delay: steps without any regularisation first (Delayed Strong Regularization).
         freeze_below: freeze the zero pattern and stop the regulariser for good once the
             learning rate (the largest over the regularised tensors' groups) falls below
@@ -142,6 +169,10 @@ class CoherentStrongReg:
             then skipped silently (they are the scaler's skipped steps), else with a warning.
         weights_only: keep only conv/linear weights (see above).
         history_size: how many recent steps :attr:`history` keeps.
+        **options: the criterion options of the form before criteria were objects
+            (``max_undo``, ``resume_undo``, ``smoothing`` with ``"descent"``; ``max_ratio``,
+            ``min_cosine``, ``window``, ``reactivate`` with ``"ratio"``): passed to the
+            criterion named by ``criterion``. Prefer the object form.
 
     Example:
         >>> import torch
@@ -166,19 +197,15 @@ class CoherentStrongReg:
         self,
         params: Iterable[Any],
         *,
+        strength: float | None = None,
+        target_sparsity: float | None = None,
         kind: Kind = "l1",
-        strength: float,
         l1_mode: L1Mode = "prox",
-        criterion: Criterion = "descent",
-        max_undo: float = 0.5,
-        resume_undo: float = 0.25,
-        smoothing: float = 0.9,
+        group: Group = None,
+        criterion: str | Criterion = "descent",
+        total_steps: int | None = None,
         warmup: int | Literal["auto"] = "auto",
         takeoff: float = 10.0,
-        max_ratio: float | None = 4.0,
-        min_cosine: float | None = None,
-        window: int = 2,
-        reactivate: bool = True,
         delay: int = 0,
         freeze_below: float | None = 0.1,
         lr: float | None = None,
@@ -186,32 +213,52 @@ class CoherentStrongReg:
         scaler: Any | None = None,
         weights_only: bool = True,
         history_size: int = 1000,
+        **options: Any,
     ) -> None:
         self.kind: Kind = check_choice(kind, "kind", _KINDS, who=_WHO)  # type: ignore[assignment]
-        self.strength = check_real(strength, "strength", who=_WHO, minimum=0, open_low=True)
         self.l1_mode: L1Mode = check_choice(l1_mode, "l1_mode", _L1_MODES, who=_WHO)  # type: ignore[assignment]
-        self.criterion: Criterion = check_choice(criterion, "criterion", _CRITERIA, who=_WHO)  # type: ignore[assignment]
-        self.max_undo = check_real(max_undo, "max_undo", who=_WHO, minimum=0, open_low=True)
-        self.resume_undo = check_real(
-            resume_undo, "resume_undo", who=_WHO, minimum=0, maximum=self.max_undo, open_low=True
-        )
-        self.smoothing = check_real(
-            smoothing, "smoothing", who=_WHO, minimum=0, maximum=1, open_high=True
-        )
+        if group is not None:
+            check_choice(group, "group", ("unit",), who=_WHO)
+            if self.kind != "l1" or self.l1_mode != "prox":
+                raise ValueError(
+                    f"{_WHO}: `group`='unit' needs kind='l1' and l1_mode='prox', got "
+                    f"kind={self.kind!r}, l1_mode={self.l1_mode!r}"
+                )
+        self.group: Group = group
+        if target_sparsity is not None:
+            if not isinstance(criterion, str) or criterion != "descent" or options:
+                raise TypeError(
+                    f"{_WHO}: `target_sparsity` is the budget criterion; pass either it or "
+                    "`criterion=` (and no criterion options), not both"
+                )
+            criterion = Budget(
+                check_real(target_sparsity, "target_sparsity", who=_WHO, minimum=0, maximum=1,
+                           open_low=True, open_high=True),
+                total_steps=check_optional_int(total_steps, "total_steps", who=_WHO, minimum=1),
+            )  # fmt: skip
+        elif total_steps is not None and not isinstance(criterion, Budget):
+            raise ValueError(f"{_WHO}: `total_steps` applies to a budget (`target_sparsity=`)")
+        self.criterion: Criterion = resolve_criterion(criterion, options, who=_WHO)
+        if isinstance(self.criterion, Budget):
+            if self.kind != "l1":
+                raise ValueError(f"{_WHO}: a budget needs kind='l1', got {self.kind!r}")
+            if total_steps is not None and self.criterion.total_steps is None:
+                self.criterion = dataclasses.replace(self.criterion, total_steps=total_steps)
+        if strength is None:
+            if not isinstance(self.criterion, Budget):
+                raise TypeError(
+                    f"{_WHO}: `strength` is required (a positive float) unless a budget "
+                    "(`target_sparsity=`) sets it"
+                )
+            self.strength = 0.0
+        else:
+            self.strength = check_real(strength, "strength", who=_WHO, minimum=0, open_low=True)
         if warmup != "auto":
             if isinstance(warmup, str):
                 raise ValueError(f"{_WHO}: `warmup` must be 'auto' or an int >= 0, got {warmup!r}")
             check_int(warmup, "warmup", who=_WHO, minimum=0)
         self.warmup: int | Literal["auto"] = warmup
         self.takeoff = check_real(takeoff, "takeoff", who=_WHO, minimum=1, open_low=True)
-        self.max_ratio = check_optional_real(
-            max_ratio, "max_ratio", who=_WHO, minimum=0, open_low=True
-        )
-        self.min_cosine = check_optional_real(
-            min_cosine, "min_cosine", who=_WHO, minimum=-1, maximum=1
-        )
-        self.window = check_int(window, "window", who=_WHO, minimum=1)
-        self.reactivate = check_flag(reactivate, "reactivate", who=_WHO)
         self.delay = check_int(delay, "delay", who=_WHO, minimum=0)
         self.freeze_below = check_optional_real(
             freeze_below, "freeze_below", who=_WHO, minimum=0, maximum=1, open_low=True,
@@ -233,6 +280,7 @@ class CoherentStrongReg:
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
         self._pending: Pending | None = None
         self._attachment: Attachment | None = None
+        self._last_step: list[Tensor] | None = None  # DescentGate(progress="next-batch")
         self._state = self._initial_state()
 
     # ------------------------------------------------------------------ state
@@ -240,7 +288,7 @@ class CoherentStrongReg:
         return {
             "num_steps": 0,
             "num_skipped": 0,
-            "is_active": self.warmup != "auto" or self.criterion != "descent",
+            "is_active": self.warmup != "auto" or self._rule != "descent",
             "streak": 0,
             "cost_ema": None,
             "progress_ema": None,
@@ -250,7 +298,18 @@ class CoherentStrongReg:
             "ramp_length": None if self.warmup == "auto" else int(self.warmup),
             "peak_lr": None,
             "frozen_at": None,
+            "measured_step": None,  # next-batch progress: the step whose measurement is due
+            "measured_cost": None,  # ... its regulariser cost (same-batch)
+            "measured_applied": False,  # ... and whether that step applied the regulariser
         }
+
+    @property
+    def _rule(self) -> str:
+        return self.criterion.name
+
+    @property
+    def _next_batch(self) -> bool:
+        return isinstance(self.criterion, DescentGate) and self.criterion.progress == "next-batch"
 
     @property
     def num_steps(self) -> int:
@@ -282,7 +341,7 @@ class CoherentStrongReg:
     @property
     def _needs_lr(self) -> bool:
         """The proximal step and the descent criterion's cost need the learning rate."""
-        return (self.kind == "l1" and self.l1_mode == "prox") or self.criterion == "descent"
+        return (self.kind == "l1" and self.l1_mode == "prox") or self._rule == "descent"
 
     def _started(self, step: int) -> bool:
         start = self._state["ramp_start"]
@@ -295,7 +354,10 @@ class CoherentStrongReg:
         return min(1.0, (step - self._state["ramp_start"] + 1) / length) if length else 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain-data state: the counters, the gate and its averages (not the history).
+        """The state: counters, the gate and its averages (not the history), as plain data;
+        with ``DescentGate(progress="next-batch")`` also ``last_step``, the last step's
+        weight change (one tensor per regularised tensor, this rank's part), whose progress
+        the next step measures.
 
         Example:
             >>> import torch
@@ -306,14 +368,23 @@ class CoherentStrongReg:
             >>> state["num_steps"], state["is_active"]
             (0, False)
         """
-        return dict(self._state)
+        out = dict(self._state)
+        out["last_step"] = None if self._last_step is None else list(self._last_step)
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; everything is checked first (types,
-        ranges, consistency), then assigned at once."""
+        ranges, consistency), then assigned at once. A state saved before the next-batch
+        progress existed (without its keys) loads too: its first step is not measured."""
         who = f"{_WHO}.load_state_dict"
+        if isinstance(state_dict, dict):
+            state_dict = {**OPTIONAL_STATE, **state_dict}
         new = check_gate_state(state_dict, self._state.keys(), self.warmup, self.delay, who)
+        last = check_last_step(state_dict["last_step"], self.params, who)
         self._state = new
+        self._last_step = last
+        if last is None:
+            self._state["measured_step"] = None
         self._pending = None
 
     # ------------------------------------------------------------------ hooks
@@ -422,19 +493,37 @@ class CoherentStrongReg:
             return
         strength = self.strength * self._ramp(step)
         ratio_stats: dict[str, float] = {}
-        if self.criterion == "ratio":
+        if self._rule == "ratio":
             ratio_stats = self._ratio_gate(grads, local, params)
         active = self._started(step) and bool(self._state["is_active"]) and strength > 0
-        if self.criterion == "always":
+        if self._rule == "always":
             active = self._started(step) and strength > 0
         before = sum_over_tensors(dots(grads, local), params)
         peak = max([*lrs, self._state["peak_lr"] or 0.0]) if lrs else self._state["peak_lr"]
         pending = Pending(
             names, params, before, active, strength, ratio_stats=ratio_stats, peak_lr=peak
         )
+        if self._next_batch:
+            pending.net_before = self._start_measurement(step, grads, local, params)
         if active and (self.kind == "l2" or self.l1_mode == "subgradient"):
             pending.added = add_to_grad_(self.kind, grads, local, strength, pending)
         self._pending = pending
+
+    def _start_measurement(
+        self, step: int, grads: list[Tensor], local: list[Tensor], params: list[Tensor]
+    ) -> Tensor | None:
+        """Next-batch progress: ``<g_t, w_{t-1} - w_t>`` of the last step with this step's
+        (independent) gradient, on the device; then remember ``w_t`` (in the same buffers)."""
+        due = self._state["measured_step"] == step - 1 and self._last_step is not None
+        net = None
+        if due:
+            assert self._last_step is not None
+            net = sum_over_tensors(dots(grads, self._last_step), params)
+        if self._last_step is None or len(self._last_step) != len(local):
+            self._last_step = [w.detach().clone() for w in local]
+        else:
+            torch._foreach_copy_(self._last_step, local)
+        return net
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -464,7 +553,7 @@ class CoherentStrongReg:
         loss_grads = grads if added is None else list(torch._foreach_sub(grads, added))
         thresholds = [lr * strength for lr in lrs]
         cost = (
-            first_order_cost(loss_grads, local, thresholds, self.kind)
+            first_order_cost(loss_grads, local, thresholds, self.kind, self.group)
             if lrs
             else after.new_zeros(1)
         )
@@ -472,14 +561,16 @@ class CoherentStrongReg:
             pending.before,
             sum_over_tensors(after, pending.params),
             sum_over_tensors(cost, pending.params),
+            pending.before.new_zeros(()) if pending.net_before is None else pending.net_before,
         ]
         prox = pending.active and self.kind == "l1" and self.l1_mode == "prox"
-        guard = prox and self.criterion == "descent"
-        if guard:  # per tensor: non-zero entries, and those the soft-threshold would keep
-            kept = survivors(local, [lr * pending.strength for lr in lrs], pending.params)
+        guard = prox and self._rule == "descent"
+        if guard:  # per tensor: non-zero entries, and those the proximal step would keep
+            kept = survivors(local, [lr * pending.strength for lr in lrs], pending.params,
+                             self.group)  # fmt: skip
             sums.extend(kept.reshape(-1))
         stats = torch.stack(sums).tolist()  # the one host sync of the step
-        before_sum, after_sum, cost_sum = stats[:3]
+        before_sum, after_sum, cost_sum, net_prev = stats[:4]
         if not all(math.isfinite(v) for v in stats):
             self._skip(step, who)
             return
@@ -489,7 +580,7 @@ class CoherentStrongReg:
         wiped = []
         if guard:  # a step that would zero a whole tensor is not taken: a collapse
             n = len(local)
-            nonzero, kept_counts = stats[3 : 3 + n], stats[3 + n :]
+            nonzero, kept_counts = stats[4 : 4 + n], stats[4 + n :]
             wiped = [
                 name
                 for name, a, b in zip(pending.names, nonzero, kept_counts, strict=True)
@@ -499,14 +590,34 @@ class CoherentStrongReg:
             self._wipe_out(step, wiped, pending)
             return
         if prox:
-            by_lr: dict[float, list[Tensor]] = {}
-            for p, lr in zip(local, lrs, strict=True):
-                by_lr.setdefault(lr * pending.strength, []).append(p)
-            for threshold, tensors in by_lr.items():
-                soft_threshold_(tensors, threshold)
+            self._prox_(local, lrs, pending.strength)
         elif pending.active and pending.signs is not None and pending.leave_zero is not None:
             truncate_(local, pending.signs, pending.leave_zero)
-        self._update(step, progress, cost_sum, pending)
+        if not self._next_batch:
+            self._update(step, pending, cost_sum, (step, progress, cost_sum))
+            return
+        measured = None
+        s = self._state
+        if pending.net_before is not None:  # the last step's measurement is complete
+            applied = s["measured_cost"] if s["measured_applied"] else 0.0
+            measured = (step - 1, net_prev + applied, s["measured_cost"])
+        assert self._last_step is not None
+        torch._foreach_sub_(self._last_step, local)  # w_t - w_{t+1}: measured next step
+        s["measured_step"], s["measured_cost"] = step, cost_sum
+        s["measured_applied"] = bool(pending.active)
+        self._update(step, pending, cost_sum, measured)
+
+    def _prox_(self, local: list[Tensor], lrs: list[float], strength: float) -> None:
+        """The proximal step: soft-threshold by ``lr * strength`` (per group learning rate),
+        or the group soft-threshold of each unit (``group="unit"``)."""
+        by_lr: dict[float, list[Tensor]] = {}
+        for p, lr in zip(local, lrs, strict=True):
+            by_lr.setdefault(lr * strength, []).append(p)
+        for threshold, tensors in by_lr.items():
+            if self.group == "unit":
+                group_soft_threshold_(tensors, threshold)
+            else:
+                soft_threshold_(tensors, threshold)
 
     @property
     def _lr_known(self) -> bool:
@@ -521,6 +632,7 @@ class CoherentStrongReg:
         if s["frozen_at"] is None:
             s["frozen_at"], s["is_active"] = step, False
             s["peak_lr"] = max(pending.peak_lr or 0.0, s["peak_lr"] or 0.0) or None
+            self._forget_measurement()
             _log.info(
                 "CoherentStrongReg: zero pattern frozen at step %d (learning rate below %g of "
                 "its peak %g); no more regularisation",
@@ -531,12 +643,18 @@ class CoherentStrongReg:
         s["num_steps"] = step + 1
         self.history.append({"step": step, "active": False, "strength": 0.0, "frozen": True})
 
+    def _forget_measurement(self) -> None:
+        self._state["measured_step"], self._state["measured_cost"] = None, None
+        self._state["measured_applied"] = False
+        self._last_step = None
+
     def _wipe_out(self, step: int, names: list[str], pending: Pending) -> None:
         """The proximal step would have zeroed every remaining weight of ``names``: it is not
         taken, the regulariser goes off, and the averages start afresh."""
         s = self._state
         s["is_active"], s["cost_ema"], s["progress_ema"] = False, None, None
         s["num_steps"], s["peak_lr"] = step + 1, pending.peak_lr
+        self._forget_measurement()
         self.history.append({"step": step, "active": False, "strength": 0.0, "wiped": names})
         _log.info(
             "CoherentStrongReg: regulariser off after step %d: its step would have zeroed "
@@ -548,6 +666,7 @@ class CoherentStrongReg:
     def _skip(self, step: int, who: str) -> None:
         self._state["num_steps"] = step + 1
         self._state["num_skipped"] += 1
+        self._forget_measurement()
         self.history.append({"step": step, "active": False, "skipped": True})
         if self.scaler is None:
             warnings.warn(
@@ -558,17 +677,38 @@ class CoherentStrongReg:
                 stacklevel=3,
             )
 
-    def _update(self, step: int, progress: float, cost: float, pending: Pending) -> None:
+    def _fold(self, step: int, progress: float, cost: float) -> None:
+        """Fold a complete (progress, cost) measurement of ``step`` into the averages, the
+        take-off detection and the switch."""
         s = self._state
-        smooth_(s, progress, cost, self.smoothing)
-        was_on = self.is_active
+        smooth_(s, progress, cost, getattr(self.criterion, "smoothing", 0.9))
         if self.warmup == "auto" and s["ramp_start"] is None and step >= self.delay:
             self._wait_for_takeoff(step)
-        if self.criterion == "descent" and self._started(step):
-            descent_switch(s, self.max_undo, self.resume_undo)
+        if isinstance(self.criterion, DescentGate) and self._started(step):
+            descent_switch(s, self.criterion.max_undo, self.criterion.resume_undo)
+
+    def _update(
+        self,
+        step: int,
+        pending: Pending,
+        cost: float,
+        measured: tuple[int, float, float] | None,
+    ) -> None:
+        """End of a step: fold in the measurement that is complete (this step's with the
+        same-batch progress, the last step's with the next-batch one), count the step,
+        record it in the history."""
+        s = self._state
+        was_on = self.is_active
+        if measured is not None:
+            self._fold(*measured)
         s["num_steps"] = step + 1
         s["peak_lr"] = pending.peak_lr
-        undo = cost / progress if progress else math.inf if cost > 0 else 0.0
+        now = measured is not None and measured[0] == step
+        if measured is not None and not now:  # the last step's entry gets its progress
+            entry = self.history[-1] if self.history else None
+            if entry is not None and entry.get("step") == measured[0]:
+                entry["progress"], entry["undo"] = measured[1], _undo(measured[2], measured[1])
+        progress = measured[1] if measured is not None and now else None
         self.history.append(
             {
                 "step": step,
@@ -576,17 +716,13 @@ class CoherentStrongReg:
                 "strength": pending.strength if pending.active else 0.0,
                 "progress": progress,
                 "cost": cost,
-                "undo": undo,
+                "undo": None if progress is None else _undo(cost, progress),
                 **pending.ratio_stats,
             }
         )
         if self.is_active != was_on:
-            _log.info(
-                "CoherentStrongReg: regulariser %s after step %d (undo %.3g)",
-                "on" if self.is_active else "off",
-                step,
-                undo,
-            )
+            _log.info("CoherentStrongReg: regulariser %s after step %d",
+                      "on" if self.is_active else "off", step)  # fmt: skip
 
     def _wait_for_takeoff(self, step: int) -> None:
         """``warmup="auto"``: start the ramp once the optimizer's progress has grown
@@ -604,10 +740,12 @@ class CoherentStrongReg:
     ) -> dict[str, float]:
         """The first default (norm ratio and cosine of g and r over all tensors), updated in
         :meth:`step`; returns its measures for the history."""
+        rule = self.criterion
+        assert isinstance(rule, RatioRule)
         measures = ratio_measures(grads, local, params, self.kind, self.strength)
         if self._started(self.num_steps) and not math.isnan(measures["cosine"]):
-            ratio_gate_update(self._state, measures, self.max_ratio, self.min_cosine,
-                              self.window, self.reactivate)  # fmt: skip
+            ratio_gate_update(self._state, measures, rule.max_ratio, rule.min_cosine,
+                              rule.window, rule.reactivate)  # fmt: skip
         return measures  # a NaN cosine (non-finite gradient): after_step() skips this step
 
     # ------------------------------------------------------------------ helpers
@@ -617,3 +755,7 @@ class CoherentStrongReg:
             f"l1_mode={self.l1_mode!r}, criterion={self.criterion!r}, "
             f"tensors={len(self.params)}, active={self.is_active}, steps={self.num_steps})"
         )
+
+
+def _undo(cost: float, progress: float) -> float:
+    return cost / progress if progress else math.inf if cost > 0 else 0.0

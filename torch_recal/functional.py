@@ -20,6 +20,7 @@ from torch_recal._compile import lazy_compile
 __all__ = [
     "coherence_statistics",
     "gradient_discrepancy",
+    "group_soft_threshold_",
     "response_calibration",
     "response_calibration_residual",
     "soft_threshold_",
@@ -537,3 +538,54 @@ def gradient_discrepancy(
     else:
         out = (a - b).abs().mean()
     return out.to(out_dtype)
+
+
+def group_soft_threshold_(tensors: list[Tensor], threshold: float) -> None:
+    """In place, the group soft-threshold of every output unit (slice along dim 0):
+    ``w_u <- w_u * max(0, 1 - threshold * sqrt(n_u) / ||w_u||)`` with ``n_u`` the unit's
+    number of entries.
+
+    The proximal operator of ``threshold * sum_u sqrt(n_u) ||w_u||_2`` (group lasso over the
+    rows of a Linear weight, the output channels of a conv weight): a unit whose norm is at
+    most ``threshold * sqrt(n_u)`` becomes exactly zero as a whole, the others shrink
+    towards zero along their own direction.
+
+    Paper: Park et al., https://arxiv.org/abs/1811.08056 (strong regularisation; the group
+    form is this library's, for :func:`torch_recal.shrink`).
+
+    Args:
+        tensors: floating-point tensors of at least one dim, changed in place.
+        threshold: non-negative amount, per unit entry, taken off each unit's norm.
+
+    Example:
+        >>> import torch
+        >>> from torch_recal.functional import group_soft_threshold_
+        >>> w = [torch.tensor([[3.0, 4.0], [0.3, 0.4]])]  # unit norms 5 and 0.5
+        >>> group_soft_threshold_(w, 1.0 / 2**0.5)  # takes 1.0 off each norm
+        >>> w[0]
+        tensor([[2.4000, 3.2000],
+                [0.0000, 0.0000]])
+    """
+    who = "group_soft_threshold_"
+    threshold = check_real(threshold, "threshold", who=who, minimum=0)
+    if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{who}: `tensors` must be a list of tensors, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):  # all checked before any is changed
+        check_tensor(t, f"tensors[{i}]", who=who, floating=True)
+        if t.ndim < 1:
+            raise ValueError(f"{who}: `tensors[{i}]` must have at least one dim (the units)")
+    if not tensors or threshold == 0:
+        return
+    with torch.no_grad():
+        for t in tensors:
+            t.mul_(group_shrink_factor(t, threshold).reshape(-1, *([1] * (t.ndim - 1))))
+
+
+def group_shrink_factor(weight: Tensor, threshold: float) -> Tensor:
+    """Per unit (dim 0), ``max(0, 1 - threshold * sqrt(n_u) / ||w_u||)`` (0 for a zero unit):
+    the factor :func:`group_soft_threshold_` multiplies each unit by."""
+    rows = weight.reshape(weight.shape[0], -1) if weight.ndim else weight.reshape(1, 1)
+    norms = torch.linalg.vector_norm(rows.to(torch.promote_types(rows.dtype, torch.float32)), dim=1)
+    cut = threshold * math.sqrt(rows.shape[1])
+    factor = torch.where(norms > cut, 1.0 - cut / norms.clamp_min(1e-30), torch.zeros_like(norms))
+    return factor.to(weight.dtype)
