@@ -140,9 +140,12 @@ class ShrinkReport:
     """What :func:`shrink` did: per-layer units and parameters before/after, what was kept.
 
     ``str(report)`` is a table; :meth:`to_dict` gives plain data. ``tracer`` says how the
-    producer -> consumer chains were found: ``"fx"`` (``torch.fx`` symbolic tracing) or
-    ``"sequential"`` (walking ``nn.Sequential`` containers, after ``trace_error``). Paper: Park
-    et al., https://arxiv.org/abs/1811.08056 (compression by strong L1 regularisation).
+    producer -> consumer chains were found: ``"fx"`` (``torch.fx`` symbolic tracing of the
+    whole model), ``"submodules"`` (the model could not be traced, see ``trace_error``: its
+    largest traceable submodules were traced and the children of its untraceable
+    ``nn.Sequential`` containers walked) or ``"sequential"`` (only walking ``nn.Sequential``
+    containers, ``trace="sequential"``). Paper: Park et al., https://arxiv.org/abs/1811.08056
+    (compression by strong L1 regularisation).
 
     Example:
         >>> import torch
@@ -410,22 +413,47 @@ def _shape(node: Node) -> tuple[int, ...] | None:
 
 
 def _fx_chains(
-    info: _Model, gm: GraphModule, example_inputs: tuple[Any, ...] | None
+    info: _Model, gm: GraphModule, example_inputs: tuple[Any, ...] | None, prefix: str = ""
 ) -> list[_Chain]:
-    """Chains from a ``torch.fx`` trace of ``info.root``."""
+    """Chains from a ``torch.fx`` trace of ``info.root`` (or of its submodule ``prefix``)."""
     nodes = list(gm.graph.nodes)
     for node in nodes:
         if node.op == "call_module":
-            info.calls[str(node.target)] += 1
+            info.calls[prefix + str(node.target)] += 1
         elif node.op == "get_attr":
-            parts = str(node.target).split(".")
+            parts = (prefix + str(node.target)).split(".")
             info.touched.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     if example_inputs is not None:
         _propagate_shapes(gm, info.root, example_inputs)
-    chains = []
+    chains, seen = [], set()
     for node in nodes:
-        if node.op == "call_module" and isinstance(info.modules[str(node.target)], _LAYERS):
-            chains.append(_fx_walk(node, info, example_inputs is not None))
+        name = prefix + str(node.target)
+        if node.op == "call_module" and isinstance(info.modules[name], _LAYERS):
+            if name not in seen:  # a layer called twice is blocked at its first call
+                chains.append(_fx_walk(node, info, example_inputs is not None, prefix))
+            seen.add(name)
+    return chains
+
+
+def _fallback_chains(info: _Model, name: str, module: nn.Module) -> list[_Chain]:
+    """Chains inside the largest fx-traceable submodules of the untraceable ``module``, and
+    between the children of a plain ``nn.Sequential`` that is not traceable as a whole."""
+    pre = f"{name}." if name else ""
+    chains = []
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        children = [(pre + n, m) for n, m in module.named_children()]
+        for i, (child_name, child) in enumerate(children):
+            if isinstance(child, _LAYERS):
+                chains.append(_sequential_walk(child_name, children[i + 1 :], info, name))
+    for child_name, child in module.named_children():
+        if next(child.children(), None) is None:  # a leaf: a layer, an activation, ...
+            continue
+        try:
+            gm = symbolic_trace(child)
+        except Exception:
+            chains += _fallback_chains(info, pre + child_name, child)
+        else:
+            chains += _fx_chains(info, gm, None, prefix=f"{pre}{child_name}.")
     return chains
 
 
@@ -444,8 +472,8 @@ def _propagate_shapes(gm: GraphModule, root: nn.Module, example_inputs: tuple[An
             module.training = mode
 
 
-def _fx_walk(start: Node, info: _Model, shapes: bool) -> _Chain:
-    name = str(start.target)
+def _fx_walk(start: Node, info: _Model, shapes: bool, prefix: str = "") -> _Chain:
+    name = prefix + str(start.target)
     chain = _Chain(name)
     producer = info.modules[name]
     problem = info.problem(name)
@@ -465,14 +493,18 @@ def _fx_walk(start: Node, info: _Model, shapes: bool) -> _Chain:
             return chain
         user = users[0]
         if user.op == "output":
-            chain.blocked = "output is the model output"
+            chain.blocked = (
+                f"output leaves `{prefix[:-1]}` (its users are not traced)"
+                if prefix
+                else "output is the model output"
+            )
             return chain
         first_only = (
             len(user.args) >= 1
             and user.args[0] is node
             and not any(a is node for a in (*user.args[1:], *user.kwargs.values()))
         )
-        target = str(user.target)
+        target = prefix + str(user.target)
         if user.op == "call_module" and isinstance(info.modules[target], _LAYERS):
             consumer = info.modules[target]
             if not (first_only and len(user.args) == 1 and not user.kwargs):
@@ -837,9 +869,12 @@ def shrink(
     zero-width layers). Zero weights inside surviving units stay (save them with
     :func:`~torch_recal.save_sparse`).
 
-    How the chains are found: ``torch.fx.symbolic_trace``; if tracing fails (data-dependent
-    control flow) and ``trace="auto"``, only the chains inside ``nn.Sequential`` containers
-    are used, with a ``UserWarning`` (``report.tracer == "sequential"``, ``report.trace_error``).
+    How the chains are found: ``torch.fx.symbolic_trace`` of the whole model. If that fails
+    (data-dependent control flow, an untraceable library call) and ``trace="auto"``, it warns
+    (``UserWarning``) and falls back to the largest submodules that do trace, plus the
+    children of untraceable plain ``nn.Sequential`` containers (``report.tracer ==
+    "submodules"``, ``report.trace_error``); a submodule's output then counts as used
+    elsewhere, and its layers are assumed to be reached only through its own forward.
 
     Exactness assumes finite inputs (``0 * inf`` is NaN). Train-mode outputs differ where a
     constant was folded through a ``BatchNorm`` (train mode uses batch statistics).
@@ -855,8 +890,9 @@ def shrink(
             Without it, the columns per channel are ``in_features / channels``.
         inplace: replace the layers inside ``model`` itself (after everything was computed on
             a copy, so an error leaves it unchanged) and return it.
-        trace: ``"auto"`` (fx, else ``nn.Sequential`` walking), ``"fx"`` (raise if tracing
-            fails) or ``"sequential"``.
+        trace: ``"auto"`` (fx; if the whole model does not trace, its traceable submodules
+            and ``nn.Sequential`` containers), ``"fx"`` (the whole model or a ``ValueError``)
+            or ``"sequential"`` (no tracing: chains inside ``nn.Sequential`` containers).
 
     Returns:
         ``(small, report)``: the shrunk model and a :class:`ShrinkReport` (print it for a
@@ -894,9 +930,11 @@ def shrink(
     before = {name: (m, _units(m), _inputs(m), _own_params(m)) for name, m in _layer_names(root)}
     params_before = sum(p.numel() for p in root.parameters())
     info = _Model(root)
-    tracer, trace_error = "fx", None
-    chains: list[_Chain] | None = None
-    if trace != "sequential":
+    tracer: str = trace
+    trace_error: str | None = None
+    if trace == "sequential":
+        chains = _sequential_chains(info)
+    else:
         try:
             gm = symbolic_trace(root)
         except Exception as err:
@@ -904,18 +942,18 @@ def shrink(
             if trace == "fx":
                 raise ValueError(
                     f"{_WHO}: `model` cannot be traced by torch.fx ({trace_error}); use "
-                    "trace='sequential' to shrink inside its nn.Sequential containers"
+                    "trace='auto' to shrink inside its traceable submodules"
                 ) from None
             warnings.warn(
                 f"{_WHO}: torch.fx cannot trace the model ({trace_error}); only the layers "
-                "inside nn.Sequential containers are shrunk",
+                "inside its traceable submodules and nn.Sequential containers are shrunk",
                 UserWarning,
                 stacklevel=2,
             )
+            tracer, info = "submodules", _Model(root)
+            chains = _fallback_chains(info, "", root)
         else:
-            chains = _fx_chains(info, gm, inputs)
-    if chains is None:
-        tracer, chains = "sequential", _sequential_chains(info)
+            tracer, chains = "fx", _fx_chains(info, gm, inputs)
 
     removed: dict[str, list[int]] = {c.producer: [0, 0, 0] for c in chains}
     added: set[str] = set()
@@ -944,6 +982,18 @@ def shrink(
         for chain in chains
         for count, reason in _decide(root, chain).kept
     ]
+    reached = {chain.producer for chain in chains}
+    unreached = (
+        "not called in the traced forward"
+        if tracer == "fx"
+        else "not inside a traceable submodule or an nn.Sequential (see `trace_error`)"
+    )
+    for name, module in _layer_names(root):
+        if isinstance(module, _LAYERS) and name not in reached:
+            weight, _ = _weight_bias(module)
+            count = int((weight.reshape(weight.shape[0], -1) == 0).all(dim=1).sum())
+            if count:
+                kept.append(KeptUnits(name, count, unreached))
     layers = []
     for name, (old, units, ins, params) in before.items():
         new = root.get_submodule(name)
