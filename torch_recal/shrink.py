@@ -100,7 +100,18 @@ class LayerShrink:
     features/channels; ``removed_dead`` and ``removed_unused`` count the layer's own units
     removed as dead or unused, ``folded`` the dead ones whose constant output went into the
     next layer's bias; ``bias_added`` says that this layer got a bias to receive such a
-    constant (it had none).
+    constant (it had none). Paper: Park et al., https://arxiv.org/abs/1811.08056.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_recal import shrink
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> with torch.no_grad():
+        ...     model[0].weight[0] = 0.0  # unit 0 outputs relu(bias[0]): folded or zero
+        >>> layer = shrink(model)[1].layers[0]
+        >>> layer.units_before, layer.units_after, layer.removed_dead, layer.params_after
+        (4, 3, 1, 12)
     """
 
     name: str
@@ -122,7 +133,17 @@ class KeptUnits:
     """Dead units that :func:`shrink` could not remove exactly, and why.
 
     ``str(kept)`` reads ``"layer1.0.conv2: 3 dead units kept: output feeds an add (residual
-    stream)"``.
+    stream)"``. Paper: Park et al., https://arxiv.org/abs/1811.08056.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch_recal import shrink
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> with torch.no_grad():
+        ...     model[2].weight[1] = 0.0  # an output unit: never removed
+        >>> print(shrink(model)[1].kept[0])
+        2: 1 dead unit kept: output is the model output
     """
 
     layer: str
