@@ -12,7 +12,13 @@ import inspect
 import pytest
 
 import torch_recal
-from tests import bad_calls_calibration, bad_calls_coherent, bad_calls_generative, bad_calls_refit
+from tests import (
+    bad_calls_calibration,
+    bad_calls_coherent,
+    bad_calls_generative,
+    bad_calls_refit,
+    bad_calls_shrink,
+)
 from tests.badcalls import Bad, run_bad_call
 
 CASES: list[Bad] = [
@@ -20,6 +26,7 @@ CASES: list[Bad] = [
     *bad_calls_refit.CASES,
     *bad_calls_calibration.CASES,
     *bad_calls_generative.CASES,
+    *bad_calls_shrink.CASES,
 ]
 
 

@@ -30,12 +30,12 @@ sys.path.insert(0, str(ROOT / "examples"))
 from repro import METHODS, cards, prereg  # noqa: E402
 from repro.common import (  # noqa: E402
     build_protocol,
+    leaked_test_figures,
     load_method,
     pair_values,
     protocol_hash,
     result_path,
     summarize_pairs,
-    leaked_test_figures,
     validate,
 )
 from repro.train import (  # noqa: E402

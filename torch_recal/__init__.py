@@ -8,7 +8,8 @@
   retraining, arXiv 2008.07387)
 * :class:`CoherentStrongReg` with its criteria :class:`DescentGate`, :class:`RatioRule`,
   :class:`Always`, :class:`Budget`, and :func:`compression_report` (gradient-coherent strong
-  L1/L2 regularisation, arXiv 1811.08056)
+  L1/L2 regularisation, arXiv 1811.08056); :func:`shrink` (remove dead units: a smaller dense
+  model) and :func:`save_sparse`/:func:`load_sparse` (a compact checkpoint) to ship the result
 """
 
 from torch_recal import functional, models
@@ -26,6 +27,8 @@ from torch_recal.layer_sampling import RandomLayerTraining
 from torch_recal.refit import RefitResult, pinv_refit_dense
 from torch_recal.ridge import NormalEquations
 from torch_recal.rifle import RifleScheduler, find_classifier
+from torch_recal.shrink import ShrinkReport, shrink
+from torch_recal.sparse_io import load_sparse, save_sparse
 from torch_recal.surgery import calibrate, is_calibrated, register_block, uncalibrate
 
 __version__ = "0.1.0"
@@ -45,6 +48,7 @@ __all__ = [
     "RefitResult",
     "ResponseCalibration",
     "RifleScheduler",
+    "ShrinkReport",
     "__version__",
     "calibrate",
     "compile_enabled",
@@ -53,9 +57,12 @@ __all__ = [
     "first_layer_filter_stats",
     "functional",
     "is_calibrated",
+    "load_sparse",
     "models",
     "pinv_refit_dense",
     "register_block",
+    "save_sparse",
     "set_compile",
+    "shrink",
     "uncalibrate",
 ]

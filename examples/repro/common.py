@@ -653,7 +653,8 @@ def validate(result: Any) -> list[str]:
         need(result.get("preregistration"), _PREREG, "preregistration")
     if stage == "explore":
         errors += [
-            f"{w}: a test-split figure in an exploration result" for w in leaked_test_figures(result)
+            f"{w}: a test-split figure in an exploration result"
+            for w in leaked_test_figures(result)
         ]
     studies = proto.get("studies") if isinstance(proto, dict) else None
     if not isinstance(studies, dict) or not studies:
