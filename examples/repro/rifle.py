@@ -47,7 +47,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -146,7 +147,7 @@ def protocol(quick: bool, seeds: list[int] | None) -> dict[str, Any]:
         "lr_schedule": "cosine per step to 0",
         "epochs": 1 if quick else 6,
     }
-    settings = {
+    settings: dict[str, Any] = {
         "model": "SmallCNN: conv 5x5/2 (16), 3x3/2 (32), 3x3/2 (64), 3x3 (64), each + BN + "
         "ReLU; global average pooling; linear head",
         "sources": {
@@ -341,7 +342,9 @@ def pretrain(ctx: Context) -> dict[str, Any]:
             y,
             batch_size=s["batch_size"],
             gen=generator(ctx.seed, key + 1, epoch),
-            before_step=lambda i, e=epoch: set_lr(opt, cosine(s["lr"], e * per_epoch + i, total)),
+            before_step=lambda i, e=epoch: set_lr(  # type: ignore[misc]
+                opt, cosine(s["lr"], e * per_epoch + i, total)
+            ),
         )
     torch.save(model.state_dict(), ctx.cache_path(_CACHE[source][1]))
     return {"info": {"source": source, "source_acc": accuracy(model, tx, ty),
@@ -424,7 +427,7 @@ def finetune(ctx: Context) -> dict[str, Any]:
 
 def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(head, backbone)`` parameters of a :class:`SmallCNN`."""
-    head = list(model.fc.parameters())
+    head = list(cast(nn.Module, model.fc).parameters())
     backbone = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
     return head, backbone
 
@@ -435,7 +438,7 @@ def grad_norm(params: list[nn.Parameter]) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
-def relative_change(now: list[torch.Tensor], start: list[torch.Tensor]) -> float:
+def relative_change(now: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> float:
     """``||now - start|| / ||start||`` over all tensors taken together."""
     diff = math.fsum(float((a.detach() - b).pow(2).sum()) for a, b in zip(now, start, strict=True))
     ref = math.fsum(float(b.pow(2).sum()) for b in start)
