@@ -174,7 +174,7 @@ def test_premise_checks_compute_the_documented_quantities():
     assert checks[name["gap"]]["value"] == pytest.approx(0.01)
     assert checks[name["faded"]]["passed"]  # 0.17 <= 0.2
     assert not checks[name["refit"]]["passed"]  # 0.967 < 0.98
-    src = checks[f"source fashion10: {rifle.SOURCE_CHECK}"]
+    src = checks[f"source fashion10: {rifle.SOURCE_CHECK['explore']}"]
     assert src["value"] == pytest.approx(0.89) and not src["passed"]
     result = {"premise": list(checks.values()), "protocol": proto}
     failed = rifle.premise_by_study(result)
