@@ -1149,3 +1149,20 @@ def test_group_unit_prox_step_and_its_cost_match_hand_computation():
     np.testing.assert_allclose(p.detach().numpy(), ref, rtol=1e-12, atol=1e-15)
     assert (ref[1] == 0).all() and (ref[0] != 0).all()  # the small unit died as a whole
     assert reg.history[0]["cost"] == pytest.approx((g * (ref - after)).sum(), rel=1e-12)
+
+
+def test_next_batch_progress_skips_a_step_whose_trained_tensors_changed():
+    """A layer frozen between two steps (e.g. by RandomLayerTraining): the last step's
+    change no longer matches this step's tensors, so that measurement is skipped."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0)
+    batches = _batches(4)
+    _manual_step(model, opt, reg, *batches[0])
+    model[0].weight.requires_grad_(False)
+    model[0].weight.grad = None
+    _manual_step(model, opt, reg, *batches[1])
+    assert reg.history[0]["progress"] is None  # not measured: the tensors differ
+    _manual_step(model, opt, reg, *batches[2])
+    assert reg.history[1]["progress"] is not None  # the same tensor set again: measured
+    assert reg.state_dict()["last_step"][0] is None  # the frozen tensor has no change

@@ -52,6 +52,7 @@ from torch_recal import (  # noqa: E402
     is_calibrated,
     pinv_refit_dense,
 )
+from torch_recal.criteria import legacy_options  # noqa: E402
 from torch_recal.integrations import lightning as integration  # noqa: E402
 from torch_recal.integrations._common import COHERENT_OPTIONS  # noqa: E402
 from torch_recal.integrations.lightning import (  # noqa: E402
@@ -539,7 +540,8 @@ def test_coherent_callback_errors_name_the_callback():
 def test_coherent_options_are_those_of_coherent_strong_reg():
     signature = inspect.signature(CoherentStrongReg.__init__).parameters
     keywords = {n for n, p in signature.items() if p.kind is p.KEYWORD_ONLY}
-    assert set(COHERENT_OPTIONS) == keywords - {"strength", "lr", "optimizer", "scaler"}
+    legacy = set(legacy_options())  # the criteria's options, still accepted by keyword
+    assert set(COHERENT_OPTIONS) == (keywords - {"strength", "lr", "optimizer", "scaler"}) | legacy
 
 
 @pytest.mark.distributed

@@ -294,18 +294,22 @@ def survivors(
     return counts
 
 
-def check_last_step(value: Any, params: Sequence[Tensor], who: str) -> list[Tensor] | None:
-    """The checked copy of the state's ``last_step`` (the last step's weight change, one
-    tensor per regularised tensor with its local shape; ``None``: nothing to measure)."""
+def check_last_step(value: Any, params: Sequence[Tensor], who: str) -> list[Tensor | None] | None:
+    """The checked copy of the state's ``last_step`` (the last step's weight change: one entry
+    per regularised tensor, a tensor of its local shape or ``None`` for a tensor that step
+    did not train; ``None``: nothing to measure)."""
     if value is None:
         return None
     if not isinstance(value, (list, tuple)) or len(value) != len(params):
         raise ValueError(
-            f"{who}: `last_step` must be None or a list of {len(params)} tensors (one per "
+            f"{who}: `last_step` must be None or a list of {len(params)} entries (one per "
             f"regularised tensor), got {type(value).__name__}"
         )
-    out = []
+    out: list[Tensor | None] = []
     for i, (v, p) in enumerate(zip(value, params, strict=True)):
+        if v is None:
+            out.append(None)
+            continue
         local = _dist.local_tensor(p)
         if not isinstance(v, Tensor):
             raise TypeError(f"{who}: `last_step[{i}]` must be a tensor, got {type(v).__name__}")
@@ -317,6 +321,8 @@ def check_last_step(value: Any, params: Sequence[Tensor], who: str) -> list[Tens
         if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
             raise ValueError(f"{who}: `last_step[{i}]` must be finite floating point")
         out.append(v.detach().to(device=local.device, dtype=local.dtype).clone())
+    if all(v is None for v in out):
+        raise ValueError(f"{who}: `last_step` must hold at least one tensor (or be None)")
     return out
 
 

@@ -280,7 +280,10 @@ class CoherentStrongReg:
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
         self._pending: Pending | None = None
         self._attachment: Attachment | None = None
-        self._last_step: list[Tensor] | None = None  # DescentGate(progress="next-batch")
+        # DescentGate(progress="next-batch"): the last step's change, one entry per tensor
+        # (None for a tensor that was not trained in that step)
+        self._last_step: list[Tensor | None] | None = None
+        self._index = {id(p): i for i, p in enumerate(self.params)}
         self._state = self._initial_state()
 
     # ------------------------------------------------------------------ state
@@ -514,15 +517,26 @@ class CoherentStrongReg:
     ) -> Tensor | None:
         """Next-batch progress: ``<g_t, w_{t-1} - w_t>`` of the last step with this step's
         (independent) gradient, on the device; then remember ``w_t`` (in the same buffers)."""
-        due = self._state["measured_step"] == step - 1 and self._last_step is not None
+        index = [self._index[id(p)] for p in params]
+        last = self._last_step
+        due = (
+            self._state["measured_step"] == step - 1
+            and last is not None
+            and [i for i, t in enumerate(last) if t is not None] == sorted(index)
+        )  # the same tensors were trained in both steps
         net = None
         if due:
-            assert self._last_step is not None
-            net = sum_over_tensors(dots(grads, self._last_step), params)
-        if self._last_step is None or len(self._last_step) != len(local):
-            self._last_step = [w.detach().clone() for w in local]
-        else:
-            torch._foreach_copy_(self._last_step, local)
+            assert last is not None
+            net = sum_over_tensors(dots(grads, [last[i] for i in index]), params)  # type: ignore[misc]
+        new: list[Tensor | None] = [None] * len(self.params)
+        for i, w in zip(index, local, strict=True):
+            old = last[i] if last is not None else None
+            if old is not None and old.shape == w.shape:
+                old.copy_(w)
+                new[i] = old
+            else:
+                new[i] = w.detach().clone()
+        self._last_step = new
         return net
 
     @torch.no_grad()
@@ -602,7 +616,8 @@ class CoherentStrongReg:
             applied = s["measured_cost"] if s["measured_applied"] else 0.0
             measured = (step - 1, net_prev + applied, s["measured_cost"])
         assert self._last_step is not None
-        torch._foreach_sub_(self._last_step, local)  # w_t - w_{t+1}: measured next step
+        changes = [self._last_step[self._index[id(p)]] for p in pending.params]
+        torch._foreach_sub_(changes, local)  # type: ignore[arg-type]  # w_t - w_{t+1}
         s["measured_step"], s["measured_cost"] = step, cost_sum
         s["measured_applied"] = bool(pending.active)
         self._update(step, pending, cost_sum, measured)
