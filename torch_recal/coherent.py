@@ -715,8 +715,8 @@ class CoherentStrongReg:
         budget = self.criterion
         assert isinstance(budget, Budget) and pending.budget is not None
         target, due = pending.budget
-        for w, zero in zip(local, pending.keep or [None] * len(local), strict=True):
-            if zero is not None:
+        if pending.keep is not None:  # method="magnitude": the pruned stay pruned
+            for w, zero in zip(local, pending.keep, strict=True):
                 w.masked_fill_(zero, 0.0)
         s = self._state
         entry: dict[str, Any] = {"step": step, "active": pending.active, "target": target}
