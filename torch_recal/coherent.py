@@ -147,7 +147,8 @@ class CoherentStrongReg:
         l1_mode: ``"prox"`` (default; the learning rate comes from ``optimizer`` or ``lr``)
             or ``"subgradient"``.
         group: ``None`` (each weight on its own) or ``"unit"`` (group L1 over each output
-            unit's incoming weights; needs ``kind="l1"`` and ``l1_mode="prox"``).
+            unit's incoming weights; needs ``kind="l1"`` and ``l1_mode="prox"``). Leave the
+            output layer out of ``params`` then: its units are the model's outputs.
         criterion: a criterion object (:class:`~torch_recal.DescentGate`,
             :class:`~torch_recal.RatioRule`, :class:`~torch_recal.Always`,
             :class:`~torch_recal.Budget`) or one of ``"descent"`` (default), ``"ratio"``,
@@ -246,6 +247,9 @@ class CoherentStrongReg:
                 raise ValueError(f"{_WHO}: a budget needs kind='l1', got {self.kind!r}")
             if total_steps is not None and self.criterion.total_steps is None:
                 self.criterion = dataclasses.replace(self.criterion, total_steps=total_steps)
+            if self.criterion.allocation == "auto":
+                where = "layer" if self.group == "unit" else "global"
+                self.criterion = dataclasses.replace(self.criterion, allocation=where)
         if isinstance(self.criterion, Budget):
             if strength is not None:
                 raise TypeError(

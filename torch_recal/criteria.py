@@ -30,7 +30,7 @@ from torch_recal._checks import (
 __all__ = ["Always", "Budget", "Criterion", "DescentGate", "RatioRule", "resolve_criterion"]
 
 Progress = Literal["next-batch", "same-batch"]
-Allocation = Literal["global", "layer"]
+Allocation = Literal["auto", "global", "layer"]
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,10 @@ class Budget:
         target_sparsity: the share of exact zeros to reach, in ``(0, 1)``.
         total_steps: the number of optimizer steps of the run (``None``: the end is read off
             the learning rate's decay).
-        allocation: ``"global"`` (one threshold over all regularised tensors) or ``"layer"``
-            (the same sparsity in every tensor).
+        allocation: ``"global"`` (one threshold over all regularised tensors), ``"layer"``
+            (the same sparsity in every tensor), or ``"auto"``: global for single weights,
+            per layer for units (``group="unit"``: a global threshold on unit norms would
+            empty the layers whose units are many small weights first).
         end: with ``total_steps``, the fraction of the run at which the target is reached and
             the pattern frozen, in ``(0, 1]``.
         method: ``"shrink"`` or ``"magnitude"`` (see above).
@@ -173,7 +175,7 @@ class Budget:
 
     target_sparsity: float
     total_steps: int | None = None
-    allocation: Allocation = "global"
+    allocation: Allocation = "auto"
     end: float = 0.8
     method: Literal["shrink", "magnitude"] = "shrink"
     rate: float = 0.1
@@ -188,7 +190,7 @@ class Budget:
         _set(self, "total_steps", check_optional_int(self.total_steps, "total_steps", who=who,
                                                      minimum=1))  # fmt: skip
         _set(self, "allocation", check_choice(self.allocation, "allocation",
-                                              ("global", "layer"), who=who))  # fmt: skip
+                                              ("auto", "global", "layer"), who=who))  # fmt: skip
         _set(self, "end", check_real(self.end, "end", who=who, minimum=0, maximum=1,
                                      open_low=True))  # fmt: skip
         _set(self, "method", check_choice(self.method, "method", ("shrink", "magnitude"),
