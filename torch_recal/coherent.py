@@ -248,8 +248,9 @@ class CoherentStrongReg:
             if total_steps is not None and self.criterion.total_steps is None:
                 self.criterion = dataclasses.replace(self.criterion, total_steps=total_steps)
             if self.criterion.allocation == "auto":
-                where = "layer" if self.group == "unit" else "global"
-                self.criterion = dataclasses.replace(self.criterion, allocation=where)
+                self.criterion = dataclasses.replace(
+                    self.criterion, allocation="layer" if self.group == "unit" else "global"
+                )
         if isinstance(self.criterion, Budget):
             if strength is not None:
                 raise TypeError(
