@@ -400,7 +400,7 @@ def plot(quick: bool = False) -> None:
     path = OUT_JSON if not quick else CKPT_DIR / "quick" / OUT_JSON.name
     doc = json.loads(path.read_text())
     runs = doc["runs"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a3, a2) = plt.subplots(1, 3, figsize=(16, 4.2))
     colours = {"narrow-calibrate": "tab:blue", "wide-calibrate": "tab:green",
                "narrow-plain": "tab:gray"}  # fmt: skip
     for name, run in runs.items():
@@ -411,6 +411,13 @@ def plot(quick: bool = False) -> None:
                     label=f"{name}: sd of mu")  # fmt: skip
             a1.plot(ep, [r["log_sigma_spread"] for r in run["epochs"]], color=c, linestyle="--",
                     label=f"{name}: sd of log sigma")  # fmt: skip
+            n0 = run["epochs"][0]
+            for fc, ls in (("fc1", "-"), ("fc_mu", "--")):
+                a3.plot(ep, [r[f"norm_{fc}"] / n0[f"norm_{fc}"] for r in run["epochs"]],
+                        color=c, linestyle=ls, label=f"{name}: ||{fc}.weight||")  # fmt: skip
+            if "decay_only_norm_ratio" in run:
+                a3.plot(range(len(run["decay_only_norm_ratio"])), run["decay_only_norm_ratio"],
+                        color=c, linestyle=":", label=f"{name}: weight decay alone")  # fmt: skip
         a2.plot(ep[1:], [r["val_acc"] for r in run["epochs"][1:]], color=c, label=name)
     a1.axhline(SPREAD_THRESHOLD, color="tab:red", linestyle=":", label="premise threshold 0.05")
     a1.set_yscale("log")
@@ -418,6 +425,11 @@ def plot(quick: bool = False) -> None:
     a1.set_ylabel("spread across 1,000 validation images")
     a1.set_title("ResCNet premise: per-image statistics (seed 0)", fontsize=9)
     a1.legend(fontsize=7)
+    a3.set_xlabel("epoch")
+    a3.set_ylabel("weight norm / norm at initialisation (mean over blocks)")
+    a3.set_title("calibration MLP weights vs pure weight decay (no loss gradient)", fontsize=9)
+    a3.set_ylim(0, 1.05)
+    a3.legend(fontsize=7)
     a2.set_xlabel("epoch")
     a2.set_ylabel("validation accuracy (1,000 training-split images)")
     a2.set_title("validation accuracy (one seed: context only)", fontsize=9)
