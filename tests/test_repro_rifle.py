@@ -181,3 +181,25 @@ def test_premise_checks_compute_the_documented_quantities():
     assert {c["name"] for c in failed["fashion"]} == {name["refit"]}
     assert [c["name"] for c in failed["digits10"]] == [src["name"]]
     assert failed["mnist"] == []
+
+
+def test_confirm_protocol_has_the_main_transfers_and_the_headline_pairs_only():
+    from repro.common import build_protocol
+    from repro.train import current_stage
+
+    before = current_stage()
+    try:
+        proto = build_protocol(rifle, False, [100, 101], "confirm")
+        tasks = rifle.tasks(proto)
+    finally:
+        set_stage(before)
+    assert rifle.CONFIRM_PREMISE_STUDY is None
+    assert list(proto["studies"]) == ["fashion", "mnist"]
+    assert set(proto["settings"]["transfers"]) == {"fashion", "mnist"}
+    assert set(proto["settings"]["sources"]) == {"fashion5"}
+    assert not any("digits" in t.key or "source10" in t.key for t in tasks)
+    pairs = {(s, p["label"]): p for s, st in proto["studies"].items() for p in st["pairs"]}
+    assert set(rifle.HEADLINE) <= set(pairs) and len(rifle.HEADLINE) == 4
+    for key in rifle.HEADLINE:
+        assert pairs[key]["metric"] == "test_acc" and pairs[key]["expected"] == "+"
+        assert pairs[key]["b"] == f"{key[0]}/rifle"

@@ -285,6 +285,16 @@ def protocol(quick: bool, seeds: list[int] | None) -> dict[str, Any]:
         settings["transfers"] = {t: v for t, v in tr.items() if t in used}
         keep = {v["source"] for v in settings["transfers"].values()}
         settings["sources"] = {k: v for k, v in settings["sources"].items() if k in keep}
+        thresholds = settings["premise_thresholds"]
+        thresholds["source_min_acc"] = {
+            k: v for k, v in thresholds["source_min_acc"].items() if k in keep
+        }
+        if CONFIRM_PREMISE_STUDY is None:
+            settings["how_chosen"] += (
+                "; neither did (the backbone's gradient did not fade by the reset in either: "
+                "docs/results/explore/rifle.json), so the confirm run has the first run's two "
+                "transfers only"
+            )
     return {"settings": settings, "studies": studies}
 
 
