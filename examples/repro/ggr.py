@@ -70,7 +70,7 @@ HEADLINE = (
     (STUDY, "GGR (val) - longer training"),
 )  # (study, pair label): the confirm run's Holm family
 WEIGHTS_EXPLORE = (0.003, 0.01, 0.03, 0.1)
-WEIGHTS_CONFIRM = (0.003, 0.01, 0.03, 0.1)  # the grid kept for confirmation (see how_chosen)
+WEIGHTS_CONFIRM = (0.003, 0.01, 0.03, 0.1)  # kept whole after the exploration (how_chosen)
 WEIGHTS_QUICK = (0.01, 0.1)
 # premise thresholds (stated before the exploration)
 TRAIN_ACC_MIN = 0.99  # the base fits its training subset (every seed)
@@ -237,7 +237,14 @@ def _how_chosen(stage: str) -> str:
             "library's default weight (the weight with the best mean validation accuracy over "
             "the exploration seeds; also reported: how often each weight is chosen)"
         )
-    return f"{common}. Weight grid kept after the exploration: {list(WEIGHTS_CONFIRM)}"
+    return (
+        f"{common}. After the exploration (seeds 0-2, validation split): the weight grid is kept "
+        f"whole, {list(WEIGHTS_CONFIRM)}: validation chose 0.003 in all 3 seeds and accuracy "
+        "fell with the weight (mean validation accuracy 0.8126, 0.8107, 0.8105, 0.8071; CE "
+        "0.8131), but the larger weights carry the weight-response of accuracy and of the "
+        "filter variance, and the mechanism premise uses the largest; the library default "
+        "became 0.003 (the best mean validation accuracy)"
+    )
 
 
 # --------------------------------------------------------------------------- tasks

@@ -133,7 +133,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("part", choices=("base", "refine"))
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--candidates", default="1000:60,2000:60,2000:100,4000:100",
+    p.add_argument("--candidates", default="1000:100,2000:100,2000:150",
                    help="base recipes n_train:epochs")  # fmt: skip
     p.add_argument("--lengths", default="10,20", help="refinement lengths (epochs)")
     p.add_argument("--weights", default="0.01,0.1", help="GGR weights of the refine part")
