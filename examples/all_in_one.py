@@ -53,7 +53,7 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
     decoder = ReferenceDecoder.for_layer(model.conv1)
     decoder.fit(batches(data.train_x, data.train_y, bs, shuffle=True), epochs=1, lr=3e-3)
-    ggr = GenerativeGradientLoss(model.conv1.weight, decoder, weight=0.1, every=4)
+    ggr = GenerativeGradientLoss(model.conv1.weight, decoder, weight=0.003, every=4)
     reg = CoherentStrongReg(model.named_parameters(), strength=args.l1, optimizer=opt)
     reg.attach()  # the optimizer's step now runs the regulariser
     blocks = [b for stage in (model.layer1, model.layer2, model.layer3) for b in stage]

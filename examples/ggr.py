@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--pre-epochs", type=int, default=4, help="epochs of ordinary training")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of ordinary training")
     p.add_argument("--refine-lr", type=float, default=0.005, help="learning rate of refining")
-    p.add_argument("--weight", type=float, default=0.1, help="GGR weight (lambda)")
+    p.add_argument("--weight", type=float, default=0.003, help="GGR weight (lambda)")
     p.add_argument("--discrepancy", default="cosine", choices=["cosine", "l2", "l1"])
     p.add_argument("--every", type=int, default=1)
     p.add_argument("--decoder-epochs", type=int, default=1)

@@ -330,6 +330,35 @@ def test_untraceable_model_falls_back_to_traceable_submodules_and_sequentials():
         shrink(model, trace="fx")
 
 
+def test_example_inputs_check_catches_a_forward_that_reads_weights_directly():
+    class ReadsWeights(nn.Module):  # untraceable; uses body[0].weight outside body's forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            extra = (x @ self.body[0].weight.T).sum(dim=1, keepdim=True)  # every unit's row
+            out = self.body(x) + extra
+            return out if x.sum() > 0 else -out
+
+    model = ReadsWeights().eval()
+    x = torch.randn(8, 6).abs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="cannot trace"):
+        _, report = shrink(model)  # no inputs: nothing checks (documented)
+    assert report.max_abs_error is None
+    with (
+        pytest.warns(UserWarning, match="cannot trace"),
+        pytest.raises(ValueError, match="differ from the model's by up to"),
+    ):
+        shrink(model, example_inputs=x, inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.body[0].out_features == 10  # unchanged after the error
+    _, report = shrink(_mlp().eval(), example_inputs=x)  # a model it shrinks exactly
+    assert report.max_abs_error is not None and report.max_abs_error < 1e-5
+    assert report.to_dict()["max_abs_error"] == report.max_abs_error
+
+
 def test_shared_or_twice_called_layers_are_kept():
     class Twice(nn.Module):
         def __init__(self) -> None:

@@ -189,6 +189,7 @@ class ShrinkReport:
     tracer: str
     trace_error: str | None = None
     rounds: int = 0
+    max_abs_error: float | None = None
 
     @property
     def removed_units(self) -> int:
@@ -212,6 +213,7 @@ class ShrinkReport:
             "tracer": self.tracer,
             "trace_error": self.trace_error,
             "rounds": self.rounds,
+            "max_abs_error": self.max_abs_error,
         }
 
     def __str__(self) -> str:
@@ -832,6 +834,52 @@ def _apply(root: nn.Module, chain: _Chain, decision: _Decision) -> bool:
 
 
 # --------------------------------------------------------------------------- shrink
+def _check_outputs(model: nn.Module, small: nn.Module, inputs: tuple[Any, ...]) -> float:
+    """The largest absolute difference of the eval outputs; ``ValueError`` beyond rounding."""
+    reference = copy.deepcopy(model)
+    modes = [(m, m.training) for m in small.modules()]
+    reference.eval()
+    small.eval()
+    try:
+        with torch.no_grad():
+            want = [t for t in _tensors(reference(*inputs)) if t.is_floating_point()]
+            got = [t for t in _tensors(small(*inputs)) if t.is_floating_point()]
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got, strict=True)):
+        raise ValueError(f"{_WHO}: the shrunk model's outputs have other shapes than the model's")
+    error, tolerance = 0.0, 0.0
+    for a, b in zip(want, got, strict=True):
+        if not a.numel():
+            continue
+        scale = float(a.abs().max()) if bool(torch.isfinite(a).all()) else 1.0
+        tolerance = max(tolerance, 1e3 * torch.finfo(a.dtype).eps * max(1.0, scale))
+        same = (a == b) | (a.isnan() & b.isnan())
+        diff = torch.where(same, 0.0, (a.double() - b.double()).abs())
+        error = max(error, float(diff.nan_to_num(nan=math.inf).max()))
+    if error > tolerance:
+        raise ValueError(
+            f"{_WHO}: the shrunk model's outputs on `example_inputs` differ from the model's by "
+            f"up to {error:.3g} (more than float rounding, {tolerance:.3g}); the model probably "
+            "uses a layer's parameters outside the forward that was traced (e.g. reads "
+            "`self.fc.weight` directly). `model` is unchanged; use trace='sequential' or leave "
+            "this model unshrunk"
+        )
+    return error
+
+
+def _tensors(out: Any) -> list[Tensor]:
+    """The tensors of a forward's output (a tensor, or nested tuples/lists/dicts of them)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tensors(item)]
+    if isinstance(out, dict):
+        return [t for item in out.values() for t in _tensors(item)]
+    return []
+
+
 def _inputs_tuple(example_inputs: Any) -> tuple[Any, ...] | None:
     if example_inputs is None:
         return None
@@ -907,8 +955,12 @@ def shrink(
         model: the model; it is not modified unless ``inplace=True``.
         example_inputs: a tensor or a tuple of the forward's arguments, run once in eval mode
             under ``torch.no_grad()`` to read the shapes (the columns per channel at a
-            ``Flatten``, and that a ``BatchNorm1d`` after a ``Linear`` sees ``(N, C)``).
-            Without it, the columns per channel are ``in_features / channels``.
+            ``Flatten``, and that a ``BatchNorm1d`` after a ``Linear`` sees ``(N, C)``), and
+            again through both models afterwards to check that their eval outputs agree
+            (``report.max_abs_error``). Without it, the columns per channel are
+            ``in_features / channels`` and nothing is checked: a model that reads a layer's
+            weights outside the traced forward (possible with the ``"submodules"`` fallback)
+            would be shrunk wrongly without notice, so pass it.
         inplace: replace the layers inside ``model`` itself (after everything was computed on
             a copy, so an error leaves it unchanged) and return it.
         trace: ``"auto"`` (fx; if the whole model does not trace, its traceable submodules
@@ -923,7 +975,9 @@ def shrink(
         TypeError: ``model`` is not an ``nn.Module``; ``example_inputs`` is not a tensor or a
             tuple; a flag has the wrong type.
         ValueError: ``trace`` is not an option; ``trace="fx"`` and the model cannot be
-            traced; the model fails on ``example_inputs``.
+            traced; the model fails on ``example_inputs``; the shrunk model's outputs on
+            ``example_inputs`` differ from the original's by more than float rounding
+            (``model`` is left unchanged).
 
     Example:
         >>> import torch
@@ -1031,6 +1085,7 @@ def shrink(
         tracer,
         trace_error,
         rounds,
+        None if inputs is None else _check_outputs(model, root, inputs),
     )
     _log.info("shrink: %d -> %d parameters", report.params_before, report.params_after)
     if not inplace:

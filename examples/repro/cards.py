@@ -306,9 +306,9 @@ def generated(results_dir: Path, name: str, stage: str, img_rel_dir: str | None)
     if not path.exists():
         if stage == "confirm":
             reg = results_dir / "preregistered" / f"{name}.json"
-            # named as from the repository root (docs/results/...), however results_dir is given
-            shown = "/".join((*results_dir.resolve().parts[-2:], "preregistered", f"{name}.json"))
-            return ("\n" + (f"No confirm run yet; its pre-registration is `{shown}`."
+            shown = Path(*results_dir.parts[-2:], reg.parent.name, reg.name)  # the same text
+            # whether results_dir is relative (the CLI) or absolute (the tests)
+            return ("\n" + (f"No confirm run yet; its pre-registration is `{shown.as_posix()}`."
                             if reg.exists() else "No confirm run yet.") + "\n")  # fmt: skip
         return "\nNo exploration result yet.\n"
     result = json.loads(path.read_text())
