@@ -21,20 +21,28 @@ converged SGD network:
   stack ``Linear-ReLU-Linear`` (the library's INFERRED pull-back of the targets through the
   last layer), the ridge chosen on the validation split.
 
-``time`` study (the first seeds): the schedule of the paper's pipeline against plain SGD,
-trained in the same process with their epochs interleaved (plain epoch, pipeline epoch, ...)
-and timed as CPU time (``time.process_time``, one thread; evaluation is not timed):
+``time`` study (the first seeds): per-epoch MP refinement against plain SGD, trained in the
+same process with their epochs interleaved (plain epoch, pipeline epoch, ...) and timed as
+CPU time (``time.process_time``, one thread; evaluation is not timed):
 
 * ``plain``: the SGD run of ``final/sgd`` (it is that run);
-* ``pipeline``: the same SGD, and after every epoch the MP refinement of the head:
-  ``start="current", step_size=0.5`` (the paper's MP learning rate) on the features of the
-  whole training set, the ridge chosen on the validation split from the grid (ours); its
-  feature passes, solves and validation scoring count in its time. The paper's random layer
-  training freezes *conv* layers; this network has none, so it is left out (the two hidden
-  layers are not sampled).
+* ``pipeline``: the same SGD, and after every epoch the MP refinement of the head on the
+  features of the whole training set, ``start="current", step_size=0.5``; its feature passes,
+  solves and validation scoring count in its time.
+
+What is verified and what is not (SPEC, "Fast retraining"): the order per epoch (an SGD
+epoch, then the features of the whole training set, then the MP update with the MP learning
+rate 0.5) is VERIFIED from the authors' readable scripts; the update itself, a half step
+towards the ridge solution on the residual of the current head, is INFERRED (their solver is
+obfuscated); the ridge chosen on the validation split each epoch and the bias moving with the
+weights (the authors leave it) are ours. So this is the paper's schedule with an inferred
+update, not their verified pipeline. Their random layer training samples *conv* layers; this
+network has none, so it is left out (both hidden layers are trained every epoch).
 
 The headline time is the CPU time until the accuracy after an epoch first reaches a fixed
-target (:data:`TARGET`, declared in advance), as a ratio pipeline / plain.
+target (:data:`TARGET`, declared in advance), as a ratio pipeline / plain. The paper's time
+claim (15-25 % less training time) is against the authors' earlier recomputation method;
+the comparison with plain SGD at a fixed target is ours.
 """
 
 from __future__ import annotations
@@ -652,8 +660,11 @@ def describe(proto: dict[str, Any]) -> list[str]:
         f'and the L-BFGS probe (scikit-learn `LogisticRegression(solver="lbfgs")` on the same '
         f"unscaled features, C from {s['probe']['C_grid']} chosen on the validation split, "
         f"max_iter {s['probe']['max_iter']}). Time study: the same SGD with the MP refinement "
-        f'of the head after every epoch (`start="current", step_size=0.5`, ridge chosen on the '
-        f"validation split each epoch; random layer training left out: no conv layers), the "
+        f'of the head after every epoch (`start="current", step_size=0.5`; the per-epoch '
+        f"order and the MP learning rate 0.5 are VERIFIED from the authors' scripts, the "
+        f"update as a half step towards the ridge solution on the residual is INFERRED, the "
+        f"ridge chosen on the validation split each epoch and the moving bias are ours; "
+        f"random layer training left out: it samples conv layers and there are none), the "
         f"two arms' epochs interleaved in one process and timed as CPU time (evaluation not "
         f"timed); time to target = the CPU time at the end of the first epoch whose accuracy "
         f"reaches {s['time_target']} (fixed in advance).",
@@ -693,42 +704,50 @@ def extra_panels(result: dict[str, Any]) -> list:
 
 
 def notes(result: dict[str, Any]) -> list[str]:
-    """The choices made on the validation split and where the time goes (from the JSON)."""
+    """The choices made on the validation split and where the time goes (from the JSON; a
+    sentence is left out when its figures are not in the result)."""
     recs = [rec["arms"] for rec in result["seeds"]]
 
     def values(arm: str, key: str) -> list[Any]:
-        return [a[arm][key] for a in recs if arm in a and a[arm].get(key) is not None]
+        return [a[arm][key] for a in recs if a.get(arm, {}).get(key) is not None]
 
-    out = []
+    def avg(arm: str, key: str) -> float | None:
+        return mean(values(arm, key))
+
+    def listed(vals: list[Any]) -> str:
+        return ", ".join(f"{v:g}" for v in vals)
+
+    out: list[str] = []
     kept, ridges = values("final/sgd+refit-if-better", "kept"), values("final/sgd+refit", "ridge")
-    if kept:
+    if kept and ridges:
         out.append(
             f"The refit beat the SGD head on the validation split in {sum(kept)} of "
-            f"{len(kept)} seeds (ridges chosen: {', '.join(f'{r:g}' for r in ridges)}); the "
-            f"refit of two layers chose ridges "
-            f"{', '.join(f'{r:g}' for r in values('final/sgd+refit2', 'ridge'))}."
+            f"{len(kept)} seeds (ridges chosen: {listed(ridges)})."
         )
+    ridges2 = values("final/sgd+refit2", "ridge")
+    if ridges2:
+        out.append(f"The refit of two layers chose ridges {listed(ridges2)}.")
     cs, conv = values("final/lbfgs-probe", "C"), values("final/lbfgs-probe", "converged")
-    if cs:
-        out += [
-            "",
-            f"The L-BFGS probe chose C = {', '.join(f'{c:g}' for c in cs)}; it converged "
-            f"within max_iter at the chosen C in {sum(conv)} of {len(conv)} seeds.",
-        ]
-    fit = [(a["final/sgd+refit"]["fit_cpu_seconds"], a["final/lbfgs-probe"]["fit_cpu_seconds"],
-            a["final/sgd"]["features_cpu_seconds"], a["final/sgd"]["epoch_cpu_seconds"])
-           for a in recs if "final/lbfgs-probe" in a]  # fmt: skip
-    if fit:
-        r, p, f, e = (mean([row[i] for row in fit]) or 0.0 for i in range(4))
+    if cs and conv:
+        out.append(
+            f"The L-BFGS probe chose C = {listed(cs)}; at the chosen C it converged within "
+            f"max_iter in {sum(conv)} of {len(conv)} seeds."
+        )
+    costs = [avg("final/sgd", "epoch_cpu_seconds"), avg("final/sgd", "features_cpu_seconds"),
+             avg("final/sgd+refit", "fit_cpu_seconds"), avg("final/lbfgs-probe", "fit_cpu_seconds"),
+             avg("final/sgd+refit2", "fit_cpu_seconds")]  # fmt: skip
+    if all(c is not None for c in costs):
+        e, f, r, p, r2 = (float(c) for c in costs)  # type: ignore[arg-type]
         out += [
             "",
             f"Cost (mean CPU s, one thread): one SGD epoch {e:.1f}; the features of the "
             f"training and validation images {f:.1f}; then the refit with its ridge grid "
-            f"{r:.1f} and the probe with its C grid {p:.1f}.",
+            f"{r:.1f}, the L-BFGS probe with its C grid {p:.1f}, the refit of two layers with "
+            f"its ridge grid {r2:.1f} (its own feature passes included).",
         ]
-    timed = [a for a in recs if "time/pipeline" in a]
+    timed = [a for a in recs if "refinements" in a.get("time/pipeline", {})]
     if timed:
-        refine = mean([a["time/pipeline"]["refine_cpu_seconds"] for a in timed]) or 0.0
+        refine = mean([a["time/pipeline"].get("refine_cpu_seconds") for a in timed]) or 0.0
         extra = mean([a["time/pipeline"]["cpu_seconds"] - a["time/plain"]["cpu_seconds"]
                       for a in timed]) or 0.0  # fmt: skip
         steps = [r for a in timed for r in a["time/pipeline"]["refinements"]]
