@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch_recal import DescentGate
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRE = os.environ.get("TORCH_RECAL_REQUIRE_INTEGRATIONS") == "1"
 
@@ -101,7 +103,11 @@ def state_equal(a: object, b: object) -> bool:
 # strength 0.3, fast averages, full strength at once: on TinyNet (SGD, lr 0.05, momentum 0.9,
 # batches of 16) the gate is on for the first steps, then switches off with a wide margin
 # (checked by `assert_clear_decisions`).
-COHERENT = {"strength": 0.3, "smoothing": 0.5, "warmup": 0}
+COHERENT = {
+    "strength": 0.3,
+    "criterion": DescentGate(progress="same-batch", smoothing=0.5),
+    "warmup": 0,
+}
 COHERENT_EPOCHS = 6
 
 
@@ -132,7 +138,7 @@ def assert_clear_decisions(reg: Any, margin: float = 0.2) -> None:
     """Each decision of the run is far from its threshold: the averages, recomputed by hand
     from the history's progress and cost, are at least ``margin`` away from where the gate
     would flip (so a slightly different run, e.g. in bf16, must decide the same)."""
-    beta = reg.smoothing
+    beta = reg.criterion.smoothing
     progress = cost = None
     for entry, on_next in zip(reg.history, [*decisions(reg)[1:], None], strict=True):
         p, c = entry["progress"], entry["cost"]
@@ -140,7 +146,8 @@ def assert_clear_decisions(reg: Any, margin: float = 0.2) -> None:
         cost = c if cost is None else beta * cost + (1 - beta) * c
         undo = cost / progress
         if on_next is not None:  # the gate: off above max_undo, on again below resume_undo
-            threshold = reg.max_undo if entry["active"] else reg.resume_undo
+            gate = reg.criterion
+            threshold = gate.max_undo if entry["active"] else gate.resume_undo
             assert abs(undo - threshold) >= margin, (entry["step"], undo)
             assert on_next == (undo <= threshold if entry["active"] else undo < threshold)
 
@@ -299,10 +306,13 @@ def coherent_rows(coh: Any) -> list:
         ctor(ValueError, "`warmup`", warmup="later"),
         ctor(TypeError, "`warmup`", warmup=1.5),
         ctor(ValueError, "`takeoff`", takeoff=1.0),
-        ctor(ValueError, "`max_ratio`", max_ratio=0.0),
-        ctor(ValueError, "`min_cosine`", min_cosine=2.0),
-        ctor(ValueError, "`window`", window=0),
-        ctor(TypeError, "`reactivate`", reactivate="no"),
+        ctor(ValueError, "`max_ratio`", criterion="ratio", max_ratio=0.0),
+        ctor(ValueError, "`min_cosine`", criterion="ratio", min_cosine=2.0),
+        ctor(ValueError, "`window`", criterion="ratio", window=0),
+        ctor(TypeError, "`reactivate`", criterion="ratio", reactivate="no"),
+        ctor(TypeError, "`max_ratio`", max_ratio=2.0),  # not an option of the descent gate
+        ctor(ValueError, "`target_sparsity`", target_sparsity=1.5),
+        ctor(TypeError, "`strength`", strength=None),  # required without a budget
         ctor(ValueError, "`delay`", delay=-1),
         ctor(TypeError, "`weights_only`", weights_only=1),
         ctor(ValueError, "`history_size`", history_size=-1),

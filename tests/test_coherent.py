@@ -25,6 +25,7 @@ from torch import nn
 from tests.distributed import needs_fsdp2, run_distributed
 from torch_recal import (
     Always,
+    Budget,
     CoherentStrongReg,
     DescentGate,
     RatioRule,
@@ -1149,3 +1150,166 @@ def test_group_unit_prox_step_and_its_cost_match_hand_computation():
     np.testing.assert_allclose(p.detach().numpy(), ref, rtol=1e-12, atol=1e-15)
     assert (ref[1] == 0).all() and (ref[0] != 0).all()  # the small unit died as a whole
     assert reg.history[0]["cost"] == pytest.approx((g * (ref - after)).sum(), rel=1e-12)
+
+
+def test_next_batch_progress_skips_a_step_whose_trained_tensors_changed():
+    """A layer frozen between two steps (e.g. by RandomLayerTraining): the last step's
+    change no longer matches this step's tensors, so that measurement is skipped."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0)
+    batches = _batches(4)
+    _manual_step(model, opt, reg, *batches[0])
+    model[0].weight.requires_grad_(False)
+    model[0].weight.grad = None
+    _manual_step(model, opt, reg, *batches[1])
+    assert reg.history[0]["progress"] is None  # not measured: the tensors differ
+    _manual_step(model, opt, reg, *batches[2])
+    assert reg.history[1]["progress"] is not None  # the same tensor set again: measured
+    assert reg.state_dict()["last_step"][0] is None  # the frozen tensor has no change
+
+
+# ----------------------------------------------------------------------------- the budget
+def _budget_fit(
+    target=0.9,
+    *,
+    epochs=6,
+    constant=False,
+    total_steps=None,
+    group=None,
+    model=None,
+    **budget,
+):
+    """A small MLP on the toy problem, SGD with momentum, cosine (or constant) lr per step."""
+    model = model if model is not None else _mlp(hidden=64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    data = _batches(16)
+    total = epochs * len(data)
+    crit = Budget(target, total_steps=total if total_steps is True else total_steps, **budget)
+    params = model.named_parameters()
+    if group == "unit":  # the output layer's units are the classes: leave it out
+        params = [(n, p) for n, p in params if not n.startswith("2.")]
+    reg = CoherentStrongReg(params, optimizer=opt, criterion=crit, group=group)
+    handle = reg.attach()
+    step = 0
+    for _ in range(epochs):
+        for x, y in data:
+            for g in opt.param_groups:
+                g["lr"] = 0.1 if constant else 0.05 * (1 + math.cos(math.pi * step / total))
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            step += 1
+    return model, reg, handle
+
+
+def _zero_share(model):
+    ws = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [{}, {"method": "magnitude"}, {"allocation": "layer"}],
+    ids=["shrink-global", "magnitude", "layer"],
+)
+@pytest.mark.parametrize("target", [0.5, 0.9])
+def test_budget_reaches_its_target_under_a_decayed_lr_and_keeps_the_pattern(target, budget):
+    model, reg, handle = _budget_fit(target, **budget)
+    assert reg.frozen
+    assert abs(_zero_share(model) - target) <= 0.01  # counted independently of the library
+    if budget.get("allocation") == "layer":
+        for n, p in model.named_parameters():
+            if n.endswith("weight"):
+                assert abs(float((p == 0).float().mean()) - target) <= 0.01, n
+    frozen = [p.detach() == 0 for p in reg.params]
+    x, y = _batches(1, seed=9)[0]
+    opt = reg.optimizer
+    for _ in range(3):  # the pattern stays after the freeze
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for p, z in zip(reg.params, frozen, strict=True):
+        assert torch.equal(p.detach() == 0, z)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle.remove()  # reached: no warning
+
+
+def test_budget_with_total_steps_reaches_its_target_at_a_constant_lr():
+    model, reg, handle = _budget_fit(0.9, constant=True, total_steps=True)
+    assert reg.frozen and reg.state_dict()["frozen_at"] == math.ceil(0.8 * 6 * 16)
+    assert abs(_zero_share(model) - 0.9) <= 0.01
+    handle.remove()
+
+
+def test_a_budget_that_is_not_reached_says_so_with_the_sparsity_reached():
+    model, reg, handle = _budget_fit(0.9, constant=True)  # no decay, no total_steps
+    assert not reg.frozen and _zero_share(model) < 0.01  # the ramp never started
+    with pytest.warns(RuntimeWarning, match=r"not reached: sparsity 0\.0\d\d of the target 0\.9"):
+        handle.remove()
+
+
+def test_a_budget_at_a_constant_lr_warns_after_a_thousand_steps():
+    p = nn.Parameter(torch.randn(8, 8))
+    reg = CoherentStrongReg([p], target_sparsity=0.5, lr=0.1)
+    with pytest.warns(RuntimeWarning, match="pass `total_steps=`"):
+        for _ in range(1001):
+            p.grad = torch.zeros(8, 8)
+            reg.step()
+            reg.after_step()
+
+
+def test_budget_shrink_leaves_the_unmarked_weights_alone():
+    """One step of the shrink design with plain SGD and zero gradients: the weights above the
+    marking threshold (the s(p)-quantile) keep their values; the marked ones move towards zero
+    by rate x threshold."""
+    torch.manual_seed(0)
+    w0 = torch.randn(50, 40, dtype=torch.float64)
+    p = nn.Parameter(w0.clone())
+    reg = CoherentStrongReg([p], lr=0.1, criterion=Budget(0.5, total_steps=10, rate=0.25, every=1))
+    for _ in range(2):  # step 0: target 0 (nothing marked); step 1: p = 1/8 of the ramp
+        p.grad = torch.zeros_like(p)
+        reg.step()
+        reg.after_step()
+    target = 0.5 * (1 - (1 - 1 / 8) ** 3)
+    limit = np.quantile(np.abs(w0.numpy()).ravel(), target, method="lower")
+    expected = np.where(
+        np.abs(w0.numpy()) <= limit,
+        np.sign(w0.numpy()) * np.maximum(np.abs(w0.numpy()) - 0.25 * limit, 0),
+        w0.numpy(),
+    )
+    np.testing.assert_allclose(p.detach().numpy(), expected, rtol=0, atol=1e-12)
+    assert reg.history[-1]["target"] == pytest.approx(target)
+
+
+def test_budget_with_group_unit_kills_whole_units_and_shrink_removes_them():
+    from torch_recal import shrink
+
+    model, _, handle = _budget_fit(0.5, group="unit", model=_mlp(hidden=64))
+    handle.remove()
+    w = model[0].weight.detach()
+    rows_dead = (w == 0).all(1)
+    assert bool(((w != 0).all(1) | rows_dead).all())  # whole units only
+    assert float((w == 0).float().mean()) == 0.5  # 32 of the 64 hidden units
+    small, _ = shrink(model)
+    x = torch.randn(20, 6)
+    torch.testing.assert_close(small(x), model(x), rtol=0, atol=1e-6)
+    assert small[0].out_features == 64 - int(rows_dead.sum())
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0, float("nan"), -0.1])
+def test_a_bad_budget_is_a_clear_error(target):
+    p = nn.Parameter(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="`target_sparsity`"):
+        CoherentStrongReg([p], target_sparsity=target, lr=0.1)
+
+
+def test_a_budget_needs_an_end_signal_and_no_strength():
+    p = nn.Parameter(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="total_steps"):
+        CoherentStrongReg([p], target_sparsity=0.9, lr=0.1, freeze_below=None)
+    with pytest.raises(TypeError, match="`strength` is not used with a budget"):
+        CoherentStrongReg([p], target_sparsity=0.9, strength=0.1, lr=0.1)
+    with pytest.raises(TypeError, match="target_sparsity"):
+        CoherentStrongReg([p], target_sparsity=0.9, lr=0.1, criterion="always")

@@ -52,6 +52,7 @@ from torch_recal import (  # noqa: E402
     is_calibrated,
     pinv_refit_dense,
 )
+from torch_recal.criteria import legacy_options  # noqa: E402
 from torch_recal.integrations import lightning as integration  # noqa: E402
 from torch_recal.integrations._common import COHERENT_OPTIONS  # noqa: E402
 from torch_recal.integrations.lightning import (  # noqa: E402
@@ -539,7 +540,8 @@ def test_coherent_callback_errors_name_the_callback():
 def test_coherent_options_are_those_of_coherent_strong_reg():
     signature = inspect.signature(CoherentStrongReg.__init__).parameters
     keywords = {n for n, p in signature.items() if p.kind is p.KEYWORD_ONLY}
-    assert set(COHERENT_OPTIONS) == keywords - {"strength", "lr", "optimizer", "scaler"}
+    legacy = set(legacy_options())  # the criteria's options, still accepted by keyword
+    assert set(COHERENT_OPTIONS) == (keywords - {"strength", "lr", "optimizer", "scaler"}) | legacy
 
 
 @pytest.mark.distributed
@@ -589,3 +591,16 @@ def test_docs_lightning_snippet_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     exec(compile(code, "docs/integrations.md", "exec"), {"__name__": "__snippet__"})
+
+
+def test_coherent_budget_ends_at_the_trainers_step_count_at_a_constant_lr():
+    """No scheduler (a constant lr gives no end signal) and no total_steps: the callback
+    gives the budget the trainer's estimated_stepping_batches, so it is reached and frozen."""
+    model, callback = CoherentNet(), CoherentRegCallback(target_sparsity=0.6)
+    trainer(callbacks=[callback], max_epochs=COHERENT_EPOCHS).fit(model, loader())
+    reg = callback.reg
+    steps = COHERENT_EPOCHS * len(loader())
+    assert reg.criterion.total_steps == steps and reg.frozen
+    weights = [p for n, p in model.net.named_parameters() if n.endswith("weight") and p.ndim > 1]
+    share = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert abs(share - 0.6) <= 0.01

@@ -456,3 +456,21 @@ def test_hugging_face_only_arguments_are_checked():
 def test_docs_hugging_face_snippet_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/integrations.md", "exec"), {"__name__": "__snippet__"})
+
+
+def test_coherent_budget_ends_at_the_trainers_max_steps(tmp_path):
+    """A constant lr (no end signal) and no total_steps: the callback gives the budget the
+    Trainer's max_steps, so it is reached and frozen."""
+    callback = CoherentRegCallback(target_sparsity=0.6)
+    model = HFNet()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    args = arguments(tmp_path, num_train_epochs=COHERENT_EPOCHS)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Images(), callbacks=[callback], optimizers=(opt, None)
+    )
+    trainer.train()
+    reg = callback.reg
+    assert reg.criterion.total_steps == trainer.state.max_steps and reg.frozen
+    weights = [p for p in reg.params]
+    share = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert abs(share - 0.6) <= 0.01

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def test_difference_summary_matches_scipy_paired_t_test():
     )
     assert out["p"] == pytest.approx(stats.ttest_rel(b, a).pvalue, rel=1e-10)
     assert out["p"] == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue, rel=1e-10)
-    assert "geomean" not in out and "ratio_ci" not in out
+    assert out["geomean"] is None and out["ratio_ci"] is None
+    assert out["mde_note"] == "" and out["mde_plugin_sd"] > 0
 
 
 def test_difference_summary_other_alpha_matches_scipy_interval():
@@ -172,14 +174,15 @@ def _monte_carlo_power(delta: float, sd: float, n: int, alpha: float) -> float:
 
 
 @pytest.mark.parametrize(
-    ("n", "alpha", "power"), [(2, 0.05, 0.8), (3, 0.05, 0.8), (5, 0.05, 0.8), (10, 0.01, 0.9)]
+    ("n", "alpha", "power"),
+    [(2, 0.05, 0.8), (3, 0.05, 0.8), (5, 0.05, 0.8), (10, 0.05, 0.8), (10, 0.01, 0.9)],
 )
 def test_detectable_effect_has_the_stated_power_at_the_observed_sd(
     n: int, alpha: float, power: float
 ):
     values = list(np.random.default_rng(100 + n).normal(0.2, 1.7, n))
     out = summarize(values, alpha=alpha, power=power)
-    assert out["mde_note"] is None and out["mde_plugin_sd"] > 0
+    assert out["mde_note"] == "" and out["mde_plugin_sd"] > 0
     estimate = _monte_carlo_power(out["mde_plugin_sd"], out["sd"], n, alpha)
     assert estimate == pytest.approx(power, abs=0.006)
 
@@ -203,8 +206,7 @@ def test_nan_power_is_not_computed_never_one(monkeypatch: pytest.MonkeyPatch):
     out = summarize([0.01, -0.02, 0.015, 0.003])
     assert out["p"] is not None and out["ci"] is not None  # the t-test itself is fine
     assert out["mde_plugin_sd"] is None and "power not computable" in out["mde_note"]
-    word = verdict(out, "+", family=False)["word"]
-    assert word.startswith("not resolved; power not computed (power not computable")
+    assert "nan" in out["mde_note"]
 
 
 def test_nan_while_widening_the_bracket_is_not_computed(monkeypatch: pytest.MonkeyPatch):
@@ -327,8 +329,22 @@ def test_holm_family_detectable_effect_is_at_the_holm_level():
     family = [summarize(_with_p(0.2)), summarize(_with_p(0.3))]
     holm_family(family)
     for s in family:
-        assert s["level_holm"] == 0.025 and s["mde_note_holm"] is None
+        assert s["level_holm"] == 0.025 and s["mde_note_holm"] == ""
         assert s["mde_plugin_sd_holm"] > s["mde_plugin_sd"]
+
+
+def test_holm_family_difference_has_no_ratio_interval_and_empty_family_is_fine():
+    family = [summarize(_with_p(0.01)), summarize(list(np.exp(_with_p(0.02))), scale="log_ratio")]
+    holm_family(family)
+    assert family[0]["ratio_ci_holm"] is None
+    assert family[1]["ratio_ci_holm"] == pytest.approx(list(np.exp(family[1]["ci_holm"])))
+    holm_family([])
+
+
+def test_holm_family_keeps_the_callers_extra_keys():
+    s = {"study": "main", "label": "ggr - ce", "expected": "+", **summarize(_with_p(0.001))}
+    holm_family([s])
+    assert s["study"] == "main" and s["label"] == "ggr - ce" and s["rejected_holm"]
 
 
 # --------------------------------------------------------------------------- verdict
@@ -339,25 +355,29 @@ def test_verdict_reproduced_and_opposite_in_the_family():
         "resolved": True,
         "direction": "+",
         "reproduced": True,
-        "word": "reproduced (higher)",
+        "interval": "holm",
     }
-    assert verdict(down, "-", family=True)["word"] == "reproduced (lower)"
+    assert verdict(down, "-", family=True)["reproduced"]
     opposite = verdict(down, "+", family=True)
-    assert not opposite["reproduced"] and opposite["word"] == "opposite direction (lower)"
+    assert opposite["resolved"] and opposite["direction"] == "-" and not opposite["reproduced"]
     assert verdict(down, "", family=True) == {
         "resolved": True,
         "direction": "-",
         "reproduced": False,
-        "word": "lower (resolved)",
+        "interval": "holm",
     }
 
 
-def test_verdict_outside_the_family_never_reproduces():
+def test_verdict_outside_the_family_never_reproduces_and_needs_no_holm_keys():
     out = summarize(_with_p(0.001))
-    v = verdict(out, "+", family=False)
-    assert v["resolved"] and v["direction"] == "+" and not v["reproduced"]
-    assert v["word"] == "higher (resolved)"
-    assert verdict(out, "-", family=False)["word"] == "opposite direction (higher)"
+    assert "ci_holm" not in out
+    assert verdict(out, "+", family=False) == {
+        "resolved": True,
+        "direction": "+",
+        "reproduced": False,
+        "interval": "raw",
+    }
+    assert verdict(out, "-", family=False)["direction"] == "+"
 
 
 def test_verdict_in_the_family_uses_the_holm_interval():
@@ -365,27 +385,23 @@ def test_verdict_in_the_family_uses_the_holm_interval():
     holm_family(family)
     raw = verdict(family[0], "+", family=False)
     held = verdict(family[0], "+", family=True)
-    assert raw["resolved"] and not held["resolved"] and not held["reproduced"]
-    mde = family[0]["mde_plugin_sd_holm"]
-    assert held["word"] == f"not resolved; smallest detectable effect ±{mde:.3g} (plug-in sd)"
+    assert raw["resolved"] and raw["direction"] == "+" and raw["interval"] == "raw"
+    assert held == {"resolved": False, "direction": None, "reproduced": False, "interval": "holm"}
 
 
-def test_verdict_words_when_not_resolved():
-    out = summarize([0.01, -0.012, 0.004, -0.003, 0.002])
-    v = verdict(out, "+", family=False)
-    assert v == {
-        "resolved": False,
-        "direction": None,
-        "reproduced": False,
-        "word": f"not resolved; smallest detectable effect ±{out['mde_plugin_sd']:.3g} "
-        "(plug-in sd)",
-    }
-    ratio = summarize([1.02, 0.99, 1.01, 0.98], scale="log_ratio")
-    assert "×/÷" in verdict(ratio, "-", family=False)["word"]
-    one = verdict(summarize([0.4]), "+", family=False)
-    assert one["word"] == "not resolved; power not computed (one value (n = 1): no sd)"
-    zero = verdict(summarize([0.0, 0.0, 0.0]), "", family=False)
-    assert zero["word"] == "not resolved; power not computed (sd = 0 (all values equal))"
+def test_verdict_without_an_interval_resolves_nothing():
+    unresolved = {"resolved": False, "direction": None, "reproduced": False, "interval": "raw"}
+    assert verdict(summarize([0.01, -0.012, 0.004, -0.003, 0.002]), "+", family=False) == (
+        unresolved
+    )
+    assert verdict(summarize([0.4]), "+", family=False) == unresolved  # n = 1: no interval
+    assert verdict(summarize([None, math.nan]), "", family=False) == unresolved
+    one = [summarize([0.4])]
+    holm_family(one)  # p None: not in the family, ci_holm None
+    assert verdict(one[0], "+", family=True) == {**unresolved, "interval": "holm"}
+    constant = verdict(summarize([0.2, 0.2, 0.2]), "+", family=False)  # sd = 0: ci [0.2, 0.2]
+    assert constant["resolved"] and constant["direction"] == "+"
+    assert not verdict(summarize([0.0, 0.0, 0.0]), "+", family=False)["resolved"]
 
 
 def test_verdict_rejects_bad_calls():
@@ -394,3 +410,18 @@ def test_verdict_rejects_bad_calls():
         verdict(out, "+", family=True)
     with pytest.raises(ValueError, match="expected"):
         verdict(out, "up", family=False)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- imports
+def test_importing_the_module_loads_neither_scipy_nor_torch():
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import repro.stats; "
+        "print(sorted(m for m in ('scipy', 'torch', 'numpy') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "examples")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == "[]"

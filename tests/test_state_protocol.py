@@ -31,6 +31,7 @@ from torch import nn
 
 from tests.badcalls import assert_same, snapshot
 from torch_recal import (
+    Budget,
     CoherentStrongReg,
     DescentGate,
     NormalEquations,
@@ -114,7 +115,14 @@ class CoherentStrongRegWorld(World):
     last step is pending: ``last_step`` holds tensors)."""
 
     steps = 8
-    optional_keys = ("measured_step", "measured_cost", "measured_applied", "last_step")
+    optional_keys = (
+        "measured_step",
+        "measured_cost",
+        "measured_applied",
+        "last_step",
+        "budget_limits",
+        "budget_target",
+    )
 
     @classmethod
     def build(cls, seed: int) -> CoherentStrongRegWorld:
@@ -133,7 +141,8 @@ class CoherentStrongRegWorld(World):
         _train_step(self.model, self.optimizer, i)
         if i == self.steps - 1:  # constant lr: the zero pattern is never frozen
             state = self.piece.state_dict()
-            assert all(v is not None for k, v in state.items() if k != "frozen_at")
+            assert all(v is not None for k, v in state.items()
+                       if k != "frozen_at" and not k.startswith("budget"))  # fmt: skip
             assert len(state["last_step"]) == 2  # the next-batch measurement is pending
 
     @classmethod
@@ -142,6 +151,10 @@ class CoherentStrongRegWorld(World):
             return ["x", float("nan"), float("inf"), 0.0, -0.5]
         if key == "frozen_at":  # None (not frozen) is valid; a step not yet taken is not
             return ["x", -7, 1.5, 10**6]
+        if key == "budget_limits":  # None (no budget, or not yet marked) is valid
+            return ["x", 5, [float("nan")] * len(value or [0]), ["a"] * len(value or [0])]
+        if key == "budget_target":
+            return ["x", float("nan"), 2.0, -0.5]
         if key == "measured_cost" and value is None:  # nothing pending: a cost alone is wrong
             return ["x", float("nan"), 0.5]
         if key == "measured_step":  # None goes with last_step None; a later step is wrong
@@ -182,12 +195,55 @@ class FrozenCoherentWorld(CoherentStrongRegWorld):
         if i == self.steps - 1:
             state = self.piece.state_dict()
             assert all(
-                v is not None for k, v in state.items() if not k.startswith(("measured", "last"))
+                v is not None
+                for k, v in state.items()
+                if not k.startswith(("measured", "last", "budget"))
             )
             assert self.piece.frozen and state["frozen_at"] == 6
 
 
-WORLDS.extend([CoherentStrongRegWorld, FrozenCoherentWorld])
+class BudgetCoherentWorld(CoherentStrongRegWorld):
+    """A budget (total_steps 12, threshold renewed every 2 steps, SGD with momentum): saved
+    mid-ramp, the resumed run marks and shrinks the same weights and freezes at step 10."""
+
+    steps = 6
+
+    @classmethod
+    def build(cls, seed: int) -> BudgetCoherentWorld:
+        torch.manual_seed(seed)
+        world = cls()
+        world.model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        world.optimizer = torch.optim.SGD(world.model.parameters(), lr=0.5, momentum=0.9)
+        world.piece = CoherentStrongReg(
+            world.model.named_parameters(),
+            optimizer=world.optimizer,
+            criterion=Budget(0.7, total_steps=12, every=2),
+        )
+        world.piece.attach()
+        return world
+
+    def advance(self, i: int) -> None:
+        assert self.model is not None and self.optimizer is not None
+        _train_step(self.model, self.optimizer, i)
+        if i == self.steps - 1:
+            state = self.piece.state_dict()
+            assert state["budget_limits"] is not None and 0 < state["budget_target"] < 0.7
+
+    @classmethod
+    def bad_values(cls, key: str, value: Any) -> list[Any]:
+        if value is None and key in (
+            "cost_ema",
+            "progress_ema",
+            "reference_progress",
+            "peak_progress",
+            "ramp_start",
+            "ramp_length",
+        ):
+            return ["x"]  # the gate's fields, unused by a budget: None is their valid value
+        return super().bad_values(key, value)
+
+
+WORLDS.extend([CoherentStrongRegWorld, FrozenCoherentWorld, BudgetCoherentWorld])
 
 
 # --------------------------------------------------------------------------- RifleScheduler

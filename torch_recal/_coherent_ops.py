@@ -105,6 +105,8 @@ class Pending:
     zeros: list[Tensor] | None = None  # frozen zero pattern: masks of the zeros before the step
     peak_lr: float | None = None  # the peak learning rate including this step's
     net_before: Tensor | None = None  # next-batch progress of the last step (device scalar)
+    budget: tuple[float, bool] | None = None  # Budget: (sparsity asked for, threshold due)
+    keep: list[Tensor] | None = None  # Budget(method="magnitude"): zeros kept through the step
 
 
 def dots(a: list[Tensor], b: list[Tensor]) -> Tensor:
@@ -254,6 +256,16 @@ def check_gate_state(
         raise ValueError(f"{who}: `measured_step` and `measured_cost` must both be set or None")
     if new["measured_step"] is not None and new["measured_step"] >= new["num_steps"]:
         raise ValueError(f"{who}: `measured_step` must be < `num_steps`, got {new}")
+    limits = state["budget_limits"]
+    if limits is not None and (
+        not isinstance(limits, (list, tuple))
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in limits)
+    ):  # fmt: skip
+        raise ValueError(f"{who}: `budget_limits` must be None or a list of finite floats")
+    new["budget_limits"] = None if limits is None else [float(v) for v in limits]
+    new["budget_target"] = check_optional_real(state["budget_target"], "budget_target", who=who,
+                                               minimum=0, maximum=1)  # fmt: skip
     if (new["measured_step"] is None) != (state["last_step"] is None):
         raise ValueError(
             f"{who}: `measured_step` and `last_step` must both be set (a step's change awaits "
@@ -264,6 +276,8 @@ def check_gate_state(
 
 # keys a state saved before the next-batch progress lacks, with the values it implies
 OPTIONAL_STATE: dict[str, Any] = {
+    "budget_limits": None,
+    "budget_target": None,
     "measured_step": None,
     "measured_cost": None,
     "measured_applied": False,
@@ -294,18 +308,22 @@ def survivors(
     return counts
 
 
-def check_last_step(value: Any, params: Sequence[Tensor], who: str) -> list[Tensor] | None:
-    """The checked copy of the state's ``last_step`` (the last step's weight change, one
-    tensor per regularised tensor with its local shape; ``None``: nothing to measure)."""
+def check_last_step(value: Any, params: Sequence[Tensor], who: str) -> list[Tensor | None] | None:
+    """The checked copy of the state's ``last_step`` (the last step's weight change: one entry
+    per regularised tensor, a tensor of its local shape or ``None`` for a tensor that step
+    did not train; ``None``: nothing to measure)."""
     if value is None:
         return None
     if not isinstance(value, (list, tuple)) or len(value) != len(params):
         raise ValueError(
-            f"{who}: `last_step` must be None or a list of {len(params)} tensors (one per "
+            f"{who}: `last_step` must be None or a list of {len(params)} entries (one per "
             f"regularised tensor), got {type(value).__name__}"
         )
-    out = []
+    out: list[Tensor | None] = []
     for i, (v, p) in enumerate(zip(value, params, strict=True)):
+        if v is None:
+            out.append(None)
+            continue
         local = _dist.local_tensor(p)
         if not isinstance(v, Tensor):
             raise TypeError(f"{who}: `last_step[{i}]` must be a tensor, got {type(v).__name__}")
@@ -317,6 +335,8 @@ def check_last_step(value: Any, params: Sequence[Tensor], who: str) -> list[Tens
         if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
             raise ValueError(f"{who}: `last_step[{i}]` must be finite floating point")
         out.append(v.detach().to(device=local.device, dtype=local.dtype).clone())
+    if all(v is None for v in out):
+        raise ValueError(f"{who}: `last_step` must hold at least one tensor (or be None)")
     return out
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from torch_recal import _dist
+from torch_recal._budget import count_zeros, marked_, progress, ramp, thresholds, top_up_
 from torch_recal._checks import (
     check_choice,
     check_flag,
@@ -85,6 +86,7 @@ Group = Literal["unit"] | None
 _KINDS = ("l1", "l2")
 _L1_MODES = ("prox", "subgradient")
 _WHO = "CoherentStrongReg"
+_UNSCHEDULED_AFTER = 1000  # steps at the peak learning rate before a budget warns
 _log = logging.getLogger("torch_recal")
 
 
@@ -145,7 +147,8 @@ class CoherentStrongReg:
         l1_mode: ``"prox"`` (default; the learning rate comes from ``optimizer`` or ``lr``)
             or ``"subgradient"``.
         group: ``None`` (each weight on its own) or ``"unit"`` (group L1 over each output
-            unit's incoming weights; needs ``kind="l1"`` and ``l1_mode="prox"``).
+            unit's incoming weights; needs ``kind="l1"`` and ``l1_mode="prox"``). Leave the
+            output layer out of ``params`` then: its units are the model's outputs.
         criterion: a criterion object (:class:`~torch_recal.DescentGate`,
             :class:`~torch_recal.RatioRule`, :class:`~torch_recal.Always`,
             :class:`~torch_recal.Budget`) or one of ``"descent"`` (default), ``"ratio"``,
@@ -244,13 +247,24 @@ class CoherentStrongReg:
                 raise ValueError(f"{_WHO}: a budget needs kind='l1', got {self.kind!r}")
             if total_steps is not None and self.criterion.total_steps is None:
                 self.criterion = dataclasses.replace(self.criterion, total_steps=total_steps)
-        if strength is None:
-            if not isinstance(self.criterion, Budget):
-                raise TypeError(
-                    f"{_WHO}: `strength` is required (a positive float) unless a budget "
-                    "(`target_sparsity=`) sets it"
+            if self.criterion.allocation == "auto":
+                self.criterion = dataclasses.replace(
+                    self.criterion, allocation="layer" if self.group == "unit" else "global"
                 )
+        if isinstance(self.criterion, Budget):
+            if strength is not None:
+                raise TypeError(
+                    f"{_WHO}: `strength` is not used with a budget (`target_sparsity=`), which "
+                    "marks and shrinks weights by their magnitude; pass one or the other"
+                )
+            if self.l1_mode != "prox":
+                raise ValueError(f"{_WHO}: a budget needs l1_mode='prox', got {self.l1_mode!r}")
             self.strength = 0.0
+        elif strength is None:
+            raise TypeError(
+                f"{_WHO}: `strength` is required (a positive float) unless a budget "
+                "(`target_sparsity=`) sets it"
+            )
         else:
             self.strength = check_real(strength, "strength", who=_WHO, minimum=0, open_low=True)
         if warmup != "auto":
@@ -275,12 +289,29 @@ class CoherentStrongReg:
         history_size = check_int(history_size, "history_size", who=_WHO, minimum=0)
         self.names, self.params = select_params(params, weights_only)
         check_one_mesh(self.names, self.params)
+        if isinstance(self.criterion, Budget):
+            if self.criterion.total_steps is None and self.freeze_below is None:
+                raise ValueError(
+                    f"{_WHO}: a budget needs `total_steps` or `freeze_below` (the learning "
+                    "rate's decay) to know when training ends"
+                )
+            sharded = [n for n, p in zip(self.names, self.params, strict=True)
+                       if _dist.is_dtensor(p)]  # fmt: skip
+            if sharded:
+                raise ValueError(
+                    f"{_WHO}: a budget does not support sharded (FSDP2) parameters yet "
+                    f"(its threshold is a quantile over whole tensors): {sharded[:3]}"
+                )
         self.optimizer = optimizer
         self.scaler = scaler
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
         self._pending: Pending | None = None
         self._attachment: Attachment | None = None
-        self._last_step: list[Tensor] | None = None  # DescentGate(progress="next-batch")
+        # DescentGate(progress="next-batch"): the last step's change, one entry per tensor
+        # (None for a tensor that was not trained in that step)
+        self._last_step: list[Tensor | None] | None = None
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._warned_unscheduled = False
         self._state = self._initial_state()
 
     # ------------------------------------------------------------------ state
@@ -301,6 +332,8 @@ class CoherentStrongReg:
             "measured_step": None,  # next-batch progress: the step whose measurement is due
             "measured_cost": None,  # ... its regulariser cost (same-batch)
             "measured_applied": False,  # ... and whether that step applied the regulariser
+            "budget_limits": None,  # Budget: the marking thresholds, one per tensor
+            "budget_target": None,  # ... and the sparsity the schedule asked for last
         }
 
     @property
@@ -426,6 +459,7 @@ class CoherentStrongReg:
 
     def _detached(self) -> None:
         self._attachment = None
+        self.check_budget()
 
     def _check_in_optimizer(self, optimizer: torch.optim.Optimizer, who: str) -> None:
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -484,12 +518,31 @@ class CoherentStrongReg:
         grads: list[Tensor] = [_dist.local_tensor(p.grad) for p in params]  # type: ignore[arg-type]
         lrs = self._lrs(names, params, who) if self._lr_known else []  # fail now, not later
         step = self.num_steps
-        if self.frozen or freezes_now(lrs, self._state["peak_lr"], self.freeze_below):
+        budget = self.criterion if isinstance(self.criterion, Budget) else None
+        p = None
+        if budget is not None:
+            p = progress(
+                step,
+                lrs,
+                self._state["peak_lr"],
+                total_steps=budget.total_steps,
+                end=budget.end,
+                freeze_below=self.freeze_below,
+                delay=self.delay,
+            )
+            self._warn_if_unscheduled(step, p, lrs)
+            ends = p >= 1.0
+        else:
+            ends = freezes_now(lrs, self._state["peak_lr"], self.freeze_below)
+        if self.frozen or ends:
             # the zero pattern is (now) frozen: remember the zeros, after_step() keeps them
             nothing = local[0].new_zeros((), dtype=torch.float64)
             zeros = [w == 0 for w in local]
             self._pending = Pending(names, params, nothing, False, 0.0, zeros=zeros,
                                     peak_lr=max(lrs, default=None))  # fmt: skip
+            return
+        if budget is not None:
+            self._pending = self._budget_pending(step, names, params, local, lrs, budget, p)
             return
         strength = self.strength * self._ramp(step)
         ratio_stats: dict[str, float] = {}
@@ -514,15 +567,26 @@ class CoherentStrongReg:
     ) -> Tensor | None:
         """Next-batch progress: ``<g_t, w_{t-1} - w_t>`` of the last step with this step's
         (independent) gradient, on the device; then remember ``w_t`` (in the same buffers)."""
-        due = self._state["measured_step"] == step - 1 and self._last_step is not None
+        index = [self._index[id(p)] for p in params]
+        last = self._last_step
+        due = (
+            self._state["measured_step"] == step - 1
+            and last is not None
+            and [i for i, t in enumerate(last) if t is not None] == sorted(index)
+        )  # the same tensors were trained in both steps
         net = None
         if due:
-            assert self._last_step is not None
-            net = sum_over_tensors(dots(grads, self._last_step), params)
-        if self._last_step is None or len(self._last_step) != len(local):
-            self._last_step = [w.detach().clone() for w in local]
-        else:
-            torch._foreach_copy_(self._last_step, local)
+            assert last is not None
+            net = sum_over_tensors(dots(grads, [last[i] for i in index]), params)  # type: ignore[misc]
+        new: list[Tensor | None] = [None] * len(self.params)
+        for i, w in zip(index, local, strict=True):
+            old = last[i] if last is not None else None
+            if old is not None and old.shape == w.shape:
+                old.copy_(w)
+                new[i] = old
+            else:
+                new[i] = w.detach().clone()
+        self._last_step = new
         return net
 
     @torch.no_grad()
@@ -542,6 +606,9 @@ class CoherentStrongReg:
         local = [_dist.local_tensor(p) for p in pending.params]
         if pending.zeros is not None:
             self._keep_zeros(step, local, pending)
+            return
+        if pending.budget is not None:
+            self._budget_step(step, local, pending)
             return
         grads: list[Tensor] = [_dist.local_tensor(p.grad) for p in pending.params]  # type: ignore[arg-type]
         lrs = self._lrs(pending.names, pending.params, who) if self._lr_known else []
@@ -602,7 +669,8 @@ class CoherentStrongReg:
             applied = s["measured_cost"] if s["measured_applied"] else 0.0
             measured = (step - 1, net_prev + applied, s["measured_cost"])
         assert self._last_step is not None
-        torch._foreach_sub_(self._last_step, local)  # w_t - w_{t+1}: measured next step
+        changes = [self._last_step[self._index[id(p)]] for p in pending.params]
+        torch._foreach_sub_(changes, local)  # type: ignore[arg-type]  # w_t - w_{t+1}
         s["measured_step"], s["measured_cost"] = step, cost_sum
         s["measured_applied"] = bool(pending.active)
         self._update(step, pending, cost_sum, measured)
@@ -623,6 +691,113 @@ class CoherentStrongReg:
     def _lr_known(self) -> bool:
         return self._needs_lr or self.optimizer is not None or self.lr is not None
 
+    # ------------------------------------------------------------------ the budget
+    def _budget_pending(
+        self,
+        step: int,
+        names: list[str],
+        params: list[Tensor],
+        local: list[Tensor],
+        lrs: list[float],
+        budget: Budget,
+        p: float | None,
+    ) -> Pending:
+        """A budget step before the freeze: what the schedule asks for now, and (for
+        ``method="magnitude"``) the zeros to keep through the optimizer's step."""
+        target = ramp(budget.target_sparsity, p or 0.0)
+        due = self._state["budget_limits"] is None or (step - self.delay) % budget.every == 0
+        nothing = local[0].new_zeros((), dtype=torch.float64)
+        peak = max([*lrs, self._state["peak_lr"] or 0.0]) if lrs else self._state["peak_lr"]
+        pending = Pending(names, params, nothing, step >= self.delay, 0.0, peak_lr=peak)
+        pending.budget = (target, due)
+        if budget.method == "magnitude":
+            pending.keep = [w == 0 for w in local]
+        return pending
+
+    def _budget_step(self, step: int, local: list[Tensor], pending: Pending) -> None:
+        """After the optimizer's step: keep the pruned zeros (magnitude), renew the marking
+        threshold when it is due, and zero or shrink the marked weights."""
+        budget = self.criterion
+        assert isinstance(budget, Budget) and pending.budget is not None
+        target, due = pending.budget
+        if pending.keep is not None:  # method="magnitude": the pruned stay pruned
+            for w, zero in zip(local, pending.keep, strict=True):
+                w.masked_fill_(zero, 0.0)
+        s = self._state
+        entry: dict[str, Any] = {"step": step, "active": pending.active, "target": target}
+        if pending.active:
+            if due:
+                s["budget_limits"] = thresholds(local, target, budget.allocation, self.group)
+            limits = s["budget_limits"]
+            if budget.method == "magnitude" and due:
+                marked_(local, limits, self.group, None)
+            elif budget.method == "shrink":
+                marked_(local, limits, self.group, budget.rate)
+            if due:
+                zeros, total = count_zeros(local)
+                entry["sparsity"] = zeros / total
+        s["budget_target"] = target
+        s["num_steps"], s["peak_lr"] = step + 1, pending.peak_lr
+        self.history.append(entry)
+
+    def _warn_if_unscheduled(self, step: int, p: float | None, lrs: list[float]) -> None:
+        """A budget read off the learning rate's decay, whose learning rate has not moved
+        from its peak in 1,000 steps: say so once (it will not be reached)."""
+        budget = self.criterion
+        if (
+            isinstance(budget, Budget)
+            and budget.total_steps is None
+            and step == _UNSCHEDULED_AFTER
+            and not p
+            and not self._warned_unscheduled
+        ):
+            self._warned_unscheduled = True
+            warnings.warn(
+                f"{_WHO}: the budget (target sparsity {budget.target_sparsity:g}) follows the "
+                f"learning rate's decay, but the learning rate ({max(lrs, default=0.0):g}) has "
+                f"not fallen below its peak in {step} steps: with a constant learning rate "
+                "pass `total_steps=` (sparsity now "
+                f"{self.sparsity:.3f})",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    @property
+    def sparsity(self) -> float:
+        """The share of exact zeros in the regularised tensors now (this rank's part)."""
+        zeros, total = count_zeros([_dist.local_tensor(p).detach() for p in self.params])
+        return zeros / total if total else 0.0
+
+    def check_budget(self) -> None:
+        """Warn (``RuntimeWarning``, naming the sparsity reached) if a budget's target has not
+        been reached and frozen; :meth:`attach`'s handle calls it when removed, the trainer
+        integrations at the end of training. Nothing happens without a budget.
+
+        Example:
+            >>> import torch
+            >>> from torch_recal import CoherentStrongReg
+            >>> w = torch.nn.Parameter(torch.randn(8, 8))
+            >>> reg = CoherentStrongReg([w], target_sparsity=0.5, total_steps=10, lr=0.1)
+            >>> for _ in range(10):
+            ...     w.grad = torch.zeros_like(w)
+            ...     reg.step()
+            ...     reg.after_step()
+            >>> reg.frozen, round(reg.sparsity, 3)
+            (True, 0.5)
+            >>> reg.check_budget()  # reached: silent
+        """
+        budget = self.criterion
+        if not isinstance(budget, Budget) or self.num_steps == 0 or self.frozen:
+            return
+        warnings.warn(
+            f"{_WHO}: the budget was not reached: sparsity {self.sparsity:.3f} of the target "
+            f"{budget.target_sparsity:g} after {self.num_steps} steps (the schedule was at "
+            f"{self._state['budget_target'] or 0.0:.3f}); give `total_steps=` or a learning "
+            "rate that decays below `freeze_below` of its peak",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
     def _keep_zeros(self, step: int, local: list[Tensor], pending: Pending) -> None:
         """A step with the zero pattern frozen: the weights that were zero before the
         optimizer's step are zero again; the first such step freezes the pattern."""
@@ -630,6 +805,10 @@ class CoherentStrongReg:
             w.masked_fill_(zero, 0.0)
         s = self._state
         if s["frozen_at"] is None:
+            if isinstance(self.criterion, Budget):  # exactly the target, then frozen
+                b = self.criterion
+                top_up_(local, b.target_sparsity, b.allocation, self.group)
+                s["budget_target"] = b.target_sparsity
             s["frozen_at"], s["is_active"] = step, False
             s["peak_lr"] = max(pending.peak_lr or 0.0, s["peak_lr"] or 0.0) or None
             self._forget_measurement()

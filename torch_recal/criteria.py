@@ -30,7 +30,7 @@ from torch_recal._checks import (
 __all__ = ["Always", "Budget", "Criterion", "DescentGate", "RatioRule", "resolve_criterion"]
 
 Progress = Literal["next-batch", "same-batch"]
-Allocation = Literal["global", "layer"]
+Allocation = Literal["auto", "global", "layer"]
 
 
 @dataclass(frozen=True)
@@ -135,21 +135,37 @@ class Budget:
     """Reach a share of exact zeros (``target_sparsity``) in the regularised weights by the
     end of training, then keep that zero pattern: the strength need not be searched.
 
-    The schedule's end is the freeze (``freeze_below`` of the peak learning rate) under a
-    decayed learning rate, or ``total_steps`` when given (needed with a constant learning
-    rate). See :class:`~torch_recal.CoherentStrongReg` and the card for the algorithm.
+    The sparsity asked for follows the cubic ramp of gradual magnitude pruning,
+    ``s(p) = target (1 - (1 - p)^3)``, over the schedule's progress ``p``: the step over
+    ``end * total_steps`` when ``total_steps`` is given (needed with a constant learning
+    rate), else the decay of the learning rate, which reaches ``p = 1`` exactly at the
+    freeze (``freeze_below`` of the peak). Every ``every`` steps the weights (or units, with
+    ``group="unit"``) whose magnitude is at or below the ``s(p)``-quantile are marked
+    (``allocation``: one threshold over all tensors, or the same share in every tensor);
+    ``method="shrink"`` moves the marked weights towards zero by a proximal L1 step of
+    ``rate`` times the threshold at every step (the other weights are not shrunk, and a
+    marked weight whose gradient pulls it back above the threshold survives);
+    ``method="magnitude"`` sets them to zero and keeps them there (gradual magnitude pruning).
+    At ``p = 1`` the smallest weights are zeroed until exactly the target share is zero, and
+    the zero pattern is frozen.
 
     Paper: Park et al., https://arxiv.org/abs/1811.08056 (the budget is this library's;
-    its ramp is the cubic one of Zhu & Gupta, https://arxiv.org/abs/1710.01878).
+    its ramp is the one of Zhu & Gupta, https://arxiv.org/abs/1710.01878).
 
     Args:
         target_sparsity: the share of exact zeros to reach, in ``(0, 1)``.
         total_steps: the number of optimizer steps of the run (``None``: the end is read off
             the learning rate's decay).
-        allocation: ``"global"`` (one magnitude threshold over all regularised tensors) or
-            ``"layer"`` (the same sparsity in every tensor).
-        end: the fraction of ``total_steps`` at which the target is reached and the pattern
-            frozen (only with ``total_steps``), in ``(0, 1]``.
+        allocation: ``"global"`` (one threshold over all regularised tensors), ``"layer"``
+            (the same sparsity in every tensor), or ``"auto"``: global for single weights,
+            per layer for units (``group="unit"``: a global threshold on unit norms would
+            empty the layers whose units are many small weights first).
+        end: with ``total_steps``, the fraction of the run at which the target is reached and
+            the pattern frozen, in ``(0, 1]``.
+        method: ``"shrink"`` or ``"magnitude"`` (see above).
+        rate: ``method="shrink"``: the proximal step on the marked weights, as a fraction of
+            the threshold, in ``(0, 1]``.
+        every: steps between two updates of the threshold (>= 1).
 
     Example:
         >>> from torch_recal import Budget
@@ -159,8 +175,11 @@ class Budget:
 
     target_sparsity: float
     total_steps: int | None = None
-    allocation: Allocation = "global"
+    allocation: Allocation = "auto"
     end: float = 0.8
+    method: Literal["shrink", "magnitude"] = "shrink"
+    rate: float = 0.1
+    every: int = 16
     name: ClassVar[str] = "budget"
 
     def __post_init__(self) -> None:
@@ -171,9 +190,14 @@ class Budget:
         _set(self, "total_steps", check_optional_int(self.total_steps, "total_steps", who=who,
                                                      minimum=1))  # fmt: skip
         _set(self, "allocation", check_choice(self.allocation, "allocation",
-                                              ("global", "layer"), who=who))  # fmt: skip
+                                              ("auto", "global", "layer"), who=who))  # fmt: skip
         _set(self, "end", check_real(self.end, "end", who=who, minimum=0, maximum=1,
                                      open_low=True))  # fmt: skip
+        _set(self, "method", check_choice(self.method, "method", ("shrink", "magnitude"),
+                                          who=who))  # fmt: skip
+        _set(self, "rate", check_real(self.rate, "rate", who=who, minimum=0, maximum=1,
+                                      open_low=True))  # fmt: skip
+        _set(self, "every", check_int(self.every, "every", who=who, minimum=1))
 
 
 Criterion = DescentGate | RatioRule | Always | Budget

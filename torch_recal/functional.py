@@ -457,12 +457,7 @@ def soft_threshold_(tensors: list[Tensor], threshold: float) -> None:
         >>> int(torch.count_nonzero(w[0]))
         2
     """
-    who = "soft_threshold_"
-    threshold = check_real(threshold, "threshold", who=who, minimum=0)
-    if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
-        raise TypeError(f"{who}: `tensors` must be a list of tensors, got {type(tensors).__name__}")
-    for i, t in enumerate(tensors):  # all checked before any is changed
-        check_tensor(t, f"tensors[{i}]", who=who, floating=True)
+    threshold = _check_threshold_args(tensors, threshold, "soft_threshold_")
     if not tensors or threshold == 0:
         return
     with torch.no_grad():
@@ -540,6 +535,19 @@ def gradient_discrepancy(
     return out.to(out_dtype)
 
 
+def _check_threshold_args(tensors: Any, threshold: Any, who: str, units: bool = False) -> float:
+    """The checks of the soft-threshold forms, all before anything is changed: a list of
+    floating-point tensors (with a dim of units when ``units``) and a threshold >= 0."""
+    threshold = check_real(threshold, "threshold", who=who, minimum=0)
+    if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{who}: `tensors` must be a list of tensors, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        check_tensor(t, f"tensors[{i}]", who=who, floating=True)
+        if units and t.ndim < 1:
+            raise ValueError(f"{who}: `tensors[{i}]` must have at least one dim (the units)")
+    return threshold
+
+
 def group_soft_threshold_(tensors: list[Tensor], threshold: float) -> None:
     """In place, the group soft-threshold of every output unit (slice along dim 0):
     ``w_u <- w_u * max(0, 1 - threshold * sqrt(n_u) / ||w_u||)`` with ``n_u`` the unit's
@@ -566,14 +574,7 @@ def group_soft_threshold_(tensors: list[Tensor], threshold: float) -> None:
         tensor([[2.4000, 3.2000],
                 [0.0000, 0.0000]])
     """
-    who = "group_soft_threshold_"
-    threshold = check_real(threshold, "threshold", who=who, minimum=0)
-    if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
-        raise TypeError(f"{who}: `tensors` must be a list of tensors, got {type(tensors).__name__}")
-    for i, t in enumerate(tensors):  # all checked before any is changed
-        check_tensor(t, f"tensors[{i}]", who=who, floating=True)
-        if t.ndim < 1:
-            raise ValueError(f"{who}: `tensors[{i}]` must have at least one dim (the units)")
+    threshold = _check_threshold_args(tensors, threshold, "group_soft_threshold_", units=True)
     if not tensors or threshold == 0:
         return
     with torch.no_grad():

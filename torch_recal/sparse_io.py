@@ -108,7 +108,8 @@ def pack_sparse(state_dict: Mapping[str, Any], *, min_sparsity: float = 0.5) -> 
         >>> w = torch.zeros(4, 4)
         >>> w[0, 1] = 2.0
         >>> packed = pack_sparse({"w": w, "b": torch.ones(4)})
-        >>> sorted(packed["sparse"]), packed["sparse"]["w"]["mask"].tolist()
+        >>> entry = packed["sparse"].get("w")
+        >>> sorted(packed["sparse"]), entry["mask"].tolist()
         (['w'], [2, 0])
         >>> torch.equal(unpack_sparse(packed)["w"], w)
         True

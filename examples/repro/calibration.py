@@ -10,7 +10,11 @@ for every arm of a seed):
   predicted statistics);
 * ``se``: squeeze-and-excitation in every block's ``se`` slot, built here to match the
   authors' SE baseline (reduction 4, PyTorch's default ``nn.Linear`` initialisation; the
-  library's ``SqueezeExcite`` is not used because its defaults differ).
+  library's ``SqueezeExcite`` is not used because its defaults differ);
+* ``plain-long``: the plain network trained for as much more time as the calibrated one
+  costs: its steps are the plain run's times the seed's measured CPU-time ratio
+  calibrated / plain (the same schedule stretched over them): what a user would buy with
+  the calibration's compute instead.
 
 Recipe: the authors' CIFAR recipe scaled down (SGD momentum 0.9, lr 0.1, batch 128, weight
 decay 5e-4, linear warm-up then a cosine to 0, random crop after padding 2 + horizontal flip),
@@ -20,6 +24,7 @@ across images, and its weights moved from their initialisation).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -45,14 +50,17 @@ CARD = "calibration.md"
 HEADLINE = (
     ("fashion", "ResCNet - plain"),
     ("fashion", "ResCNet - SE"),
+    ("fashion", "ResCNet - plain trained longer (same compute)"),
 )  # (study, pair label) shown in the README
 STUDY = "fashion"
 ARMS = ("plain", "calibrate", "fixed", "se")
+MATCHED = "plain-long"  # needs the plain and calibrate runs of its seed (their CPU times)
 LABELS = {
     f"{STUDY}/plain": "ResNet-20 (plain)",
     f"{STUDY}/calibrate": "ResCNet-20: `calibrate(model)`",
     f"{STUDY}/fixed": 'ablation: `calibrate(model, stats="fixed")`',
     f"{STUDY}/se": "SE-ResNet-20 (reduction 4, default init)",
+    f"{STUDY}/{MATCHED}": "ResNet-20 trained longer, compute-matched to ResCNet",
 }
 SPREAD_THRESHOLD = 0.05  # 10x the level at initialisation reported in issue 14 (<= 0.006)
 
@@ -82,7 +90,7 @@ def protocol(quick: bool, seeds: list[int] | None) -> dict[str, Any]:
         "lr 0.1, batch 128, wd 5e-4, crop + flip, reduction 4) with fewer epochs; the epochs "
         "and the subset size were sized to the suite's time budget (30 min on 2 cores)",
     }
-    arms = [f"{STUDY}/{a}" for a in ARMS]
+    arms = [f"{STUDY}/{a}" for a in (*ARMS, MATCHED)]
     pair = _pair_factory()
     return {
         "settings": settings,
@@ -99,8 +107,10 @@ def protocol(quick: bool, seeds: list[int] | None) -> dict[str, Any]:
                 "pairs": [
                     pair("ResCNet - plain", "plain", "calibrate"),
                     pair("ResCNet - SE", "se", "calibrate"),
+                    pair("ResCNet - plain trained longer (same compute)", MATCHED, "calibrate"),
                     pair("ResCNet - fixed stats", "fixed", "calibrate"),
                     pair("SE - plain", "plain", "se"),
+                    pair("plain trained longer - plain", "plain", MATCHED),
                 ],
             }
         },
@@ -123,7 +133,10 @@ def _pair_factory():
 
 def tasks(proto: dict[str, Any]) -> list[Task]:
     seeds = proto["studies"][STUDY]["seeds"]
-    return [Task(f"seed{s}-{arm}", s, "train_arm", {"arm": arm}) for s in seeds for arm in ARMS]
+    out = [Task(f"seed{s}-{arm}", s, "train_arm", {"arm": arm}) for s in seeds for arm in ARMS]
+    out += [Task(f"seed{s}-{MATCHED}", s, "train_arm", {"arm": MATCHED},
+                 (f"seed{s}-plain", f"seed{s}-calibrate")) for s in seeds]  # fmt: skip
+    return out
 
 
 class SqueezeExcite4(nn.Module):
@@ -169,7 +182,7 @@ def train_arm(ctx: Context) -> dict[str, Any]:
     s = ctx.proto["settings"]
     arm = ctx.args["arm"]
     x, y, tx, ty = data(ctx)
-    model = build(arm, ctx.seed, s)
+    model = build("plain" if arm == MATCHED else arm, ctx.seed, s)
     probe = tx[: s["premise_images"]]
     before = calibration_stats(model, probe) if arm == "calibrate" else None
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -182,8 +195,15 @@ def train_arm(ctx: Context) -> dict[str, Any]:
     )
     per_epoch = steps_per_epoch(len(y), s["batch_size"])
     total, warmup = s["epochs"] * per_epoch, s["warmup_epochs"] * per_epoch
+    ratio = None
+    if arm == MATCHED:  # the plain network for the calibrated run's compute
+        cpu_of = {k.rsplit("-", 1)[-1]: v["arms"][f"{STUDY}/{k.rsplit('-', 1)[-1]}"]
+                  ["train_cpu_seconds"] for k, v in ctx.deps.items()}  # fmt: skip
+        ratio = cpu_of["calibrate"] / cpu_of["plain"]
+        total = max(total, round(total * ratio))
+    epochs = math.ceil(total / per_epoch)
     losses, cpu, spread_curve = [], 0.0, []
-    for epoch in range(s["epochs"]):
+    for epoch in range(epochs):
         aug_gen = generator(ctx.seed, 4, epoch)
 
         def before_step(i: int, epoch: int = epoch) -> None:
@@ -198,6 +218,7 @@ def train_arm(ctx: Context) -> dict[str, Any]:
             gen=generator(ctx.seed, 3, epoch),
             augment=lambda xb, g=aug_gen: crop_flip(xb, 2, g),
             before_step=before_step,
+            max_steps=total - epoch * per_epoch,
         )
         losses.append(stats.loss)
         cpu += stats.cpu_seconds
@@ -209,7 +230,10 @@ def train_arm(ctx: Context) -> dict[str, Any]:
         "loss_curve": losses,
         "params": sum(p.numel() for p in model.parameters()),
         "train_cpu_seconds": cpu,
+        "steps": total,
     }
+    if ratio is not None:
+        metrics["cost_ratio"] = ratio
     if arm == "calibrate":
         after = calibration_stats(model, probe)
         metrics.update({f"{k}_init": v for k, v in before.items()})  # type: ignore[union-attr]
@@ -366,9 +390,16 @@ def notes(result: dict[str, Any]) -> list[str]:
     sizes = ", ".join(
         f"{short.get(arm.split('/')[-1], arm)} {m['params']:,}"
         for arm, m in first.items()
-        if "params" in m
+        if "params" in m and arm.split("/")[-1] in short
     )
-    size_note = f"Parameters: {sizes}."
+    ratios = [rec["arms"][f"{STUDY}/{MATCHED}"]["cost_ratio"] for rec in result["seeds"]
+              if f"{STUDY}/{MATCHED}" in rec["arms"]]  # fmt: skip
+    size_note = f"Parameters: {sizes}." + (
+        f" Training cost of ResCNet-20 / ResNet-20 (CPU time, per seed, the compute-matched "
+        f"arm's stretch): {', '.join(f'{r:.2f}x' for r in ratios)}."
+        if ratios
+        else ""
+    )
     learned = all(c["passed"] for c in result["premise"][:2])
     if learned:
         return [

@@ -1,117 +1,105 @@
-"""CoherentStrongReg: a strength sweep on two models against always-on and delayed strong L1.
+"""CoherentStrongReg: a compression budget against gradual magnitude pruning, the gate
+against the simple schedule, and the bias of the gate's progress estimate.
 
-Two models on Fashion-MNIST subsets, paired seeds (a seed fixes the data subsets and the
-initialisation of every run of every method):
+Two models on Fashion-MNIST subsets, paired seeds (a seed fixes the data subsets, the
+initialisation and the batches of every run):
 
-* ``mlp5``: an MLP with 5 hidden layers of 256 (784-256x5-10, 465k weights), deep enough
-  for strong L1 to collapse training;
+* ``mlp5``: an MLP with 5 hidden layers of 256 (784-256x5-10, 465k weights);
 * ``cnn``: a small CNN (conv 8-16-32, fc 64; 110k weights).
 
-SGD (momentum 0.9, cosine lr per step to 0, batch 128). Methods, each over a strength grid:
+SGD (momentum 0.9, cosine lr per step to 0, batch 128, no weight decay), 15 epochs.
 
-* ``none``: no regulariser (once);
-* ``always-sub``: L1 as a subgradient in the gradient on every step (zero crossings
-  truncated: exact zeros);
-* ``always-prox``: proximal L1 (soft-threshold by lr x strength) on every step;
-* ``delayed``: proximal L1 from epoch 3 on (Delayed Strong Regularization, the authors'
-  earlier method);
-* ``coherent``: ``CoherentStrongReg(params, strength=s, optimizer=opt)`` with every other
-  setting at its default (descent gate, automatic warm-up, proximal L1);
-* ``ratio`` (the MLP only): the library's first default (norm-ratio gate, subgradient L1).
+Studies:
 
-The subgradient forms act through the momentum buffer, so their strengths are ~10x weaker
-than the proximal ones for the same effect; their grid is shifted by 10x. A front is
-compared, not a strength.
-
-Statistic, per seed and method: the largest compression (dense / non-zero weights) among the
-strengths whose *validation* accuracy is within ``delta`` points of the unregularised run's
-(1 and 3 points; 1.0 when no strength qualifies), reported with that run's *test* accuracy;
-paired differences of its log10 between the coherent gate and each baseline. The sweep's
-fronts (mean over seeds) are plotted and tabulated.
+* ``<model>-budget`` (the headline): at 5x, 10x and 30x compression (sparsity 0.8, 0.9,
+  0.9667 of the conv/linear weights), every run trained to that budget:
+  ``CoherentStrongReg(target_sparsity=s)`` with its defaults (and, in exploration, the
+  design alternatives) against gradual magnitude pruning (Zhu & Gupta 2017) built on
+  ``torch.nn.utils.prune`` with the cubic schedule of ``torch.ao.pruning.CubicSL``
+  (per-layer and global), and the dense run. A level is the accuracy of the run trained to
+  it, never an interpolation.
+* ``<model>-criteria``: the strength-driven criteria over a strength grid: the descent gate
+  (next-batch progress, the default gate), the gate with the same-batch progress, and the
+  simple schedule (``Always``: warm-up, proximal L1, freeze). Per seed and criterion: among
+  its runs with at least 10x (30x) compression, the one with the best validation accuracy,
+  and that run's reported accuracy; a seed with no such run is missing (listed).
+* ``batch``: MLP5 at batch 32, 128, 512, one strength: the gate (next- and same-batch) and
+  the schedule (compression, accuracy, the gate's on-fraction).
+* ``bias``: MLP5 trained plainly at batch 32, 128, 512; at ~60 steps spread over the run, the
+  optimizer's step ``d = w_t - w_{t+1}`` is scored by the same-batch estimate ``<g_t, d>``,
+  the next-batch estimate ``<g_{t+1}, d>`` and the actual decrease of the loss on a fixed
+  held-out set of validation images ``L(w_t) - L(w_{t+1})``; the estimates' sums over the run
+  divided by the actual decrease's (geometric mean ratios over seeds).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from typing import Any
 
 import torch
 from torch import nn
+from torch.ao.pruning.scheduler.cubic_scheduler import CubicSL
+from torch.nn import functional as F
+from torch.nn.utils import prune
 
 from repro.common import Context, Task, check, mean, seed_torch
 from repro.train import (
     accuracy,
+    batches,
     cosine,
+    current_stage,
     eval_key,
     fashion_subsets,
     generator,
     set_lr,
     steps_per_epoch,
 )
-from repro.train import train_epoch as _train_epoch
-from torch_recal import CoherentStrongReg, compression_report
+from torch_recal import Always, Budget, CoherentStrongReg, DescentGate, compression_report
 
 CARD = "coherent.md"
-PROX_GRID = (3e-3, 4.5e-3, 6e-3, 1e-2, 3e-2, 1e-1)
-SUB_GRID = tuple(round(s / 10, 12) for s in PROX_GRID)
-NO_FREEZE = {"freeze_below": None}
-METHODS = {  # name: (label, grid, CoherentStrongReg options; None: no regulariser)
-    "none": ("no regulariser", (0.0,), None),
-    "always-sub": (
-        "always-on L1, subgradient",
-        SUB_GRID,
-        {"l1_mode": "subgradient", "criterion": "always", "warmup": 0, **NO_FREEZE},
-    ),
-    "always-prox": (
-        "always-on L1, proximal",
-        PROX_GRID,
-        {"criterion": "always", "warmup": 0, **NO_FREEZE},
-    ),
-    "delayed": (
-        "delayed L1, proximal (from epoch 3)",
-        PROX_GRID,
-        {"criterion": "always", "warmup": 0, "delay_epochs": 2, **NO_FREEZE},
-    ),
-    "delayed-freeze": (
-        "delayed L1 + frozen zero pattern at the end",
-        PROX_GRID,
-        {"criterion": "always", "warmup": 0, "delay_epochs": 2},
-    ),
-    "coherent-nofreeze": ("CoherentStrongReg, no freeze (the gate alone)", PROX_GRID, NO_FREEZE),
-    "coherent": ("CoherentStrongReg (defaults)", PROX_GRID, {}),
-    "ratio": (
-        "first default (ratio rule, subgradient)",
-        SUB_GRID,
-        {"criterion": "ratio", "l1_mode": "subgradient", "warmup": 0, **NO_FREEZE},
-    ),
+LEVELS = {5: 0.8, 10: 0.9, 30: 0.9667}  # compression -> target sparsity of the weights
+MODELS = {"mlp5": 10_000, "cnn": 5_000}  # model -> training images
+BUDGETS = {  # arm -> (label, how it compresses); explore compares designs, confirm the default
+    "gmp": ("gradual magnitude pruning, per layer (torch.nn.utils.prune, cubic)", "layer"),
+    "gmp-global": ("gradual magnitude pruning, global (torch.nn.utils.prune, cubic)", "global"),
+    "budget": ("CoherentStrongReg(target_sparsity=s) (defaults)", {}),
+    "budget-magnitude": ("budget, method='magnitude'", {"method": "magnitude"}),
+    "budget-layer": ("budget, allocation='layer'", {"allocation": "layer"}),
 }
-MODELS = {
-    "mlp5": {"methods": list(METHODS), "n_train": 10_000},
-    "cnn": {"methods": [m for m in METHODS if m != "ratio"], "n_train": 5_000},
+CONFIRM_BUDGETS = ("gmp", "gmp-global", "budget")
+GRID = (3e-3, 6e-3, 1e-2, 3e-2)  # proximal L1 strengths of the criteria study
+CRITERIA = {  # arm -> (label, CoherentStrongReg options)
+    "gate": ("descent gate, next-batch progress (DescentGate())", {"criterion": DescentGate()}),
+    "gate-same": (
+        "descent gate, same-batch progress",
+        {"criterion": DescentGate(progress="same-batch")},
+    ),
+    "schedule": ("warm-up, proximal L1, freeze (Always())", {"criterion": Always()}),
 }
+BATCHES = (32, 128, 512)
+BATCH_STRENGTH = 1e-2
+CRITERIA_LEVELS = (10, 30)
 HEADLINE = tuple(
-    (f"{m}-front", label)
-    for m in MODELS
-    for label in (
-        "coherent - always-prox: accuracy at 10x",
-        "coherent - delayed: accuracy at 30x",
-        "coherent at 5x - no regulariser",
-    )
-)  # (study, pair label) shown in the README
-BASELINES = ("always-prox", "delayed", "always-sub", "delayed-freeze", "coherent-nofreeze")
-DELTAS = (1,)  # accuracy points below the unregularised model (validation)
-LEVELS = (5, 10, 30, 100)  # compression levels at which the fronts are compared
-COLLAPSED = 0.2  # test accuracy at or below this is a collapsed run (chance is 0.1)
+    (f"{m}-budget", f"budget - GMP at {c}x") for m in MODELS for c in LEVELS
+)  # the Holm family of the confirm run (study, pair label)
+
+
+def _best_gmp(proto: dict[str, Any]) -> str:
+    return proto["settings"].get("gmp_reference", "gmp")
 
 
 def protocol(quick: bool, seeds: list[int] | None) -> dict[str, Any]:
     seeds = seeds if seeds is not None else list(range(1 if quick else 3))
+    ek = eval_key()
+    confirm = current_stage() == "confirm"
+    budgets = [b for b in BUDGETS if not confirm or b in CONFIRM_BUDGETS]
     settings = {
         "data": "Fashion-MNIST: train and validation subsets drawn per seed (disjoint) from the "
-        "60,000 training images; test subset from the 10,000 test images",
-        "n_train": {m: (512 if quick else c["n_train"]) for m, c in MODELS.items()},
+        "60,000 training images; the reported accuracy is on the validation split "
+        "(exploration) or on a test subset of the 10,000 test images (confirmation)",
+        "n_train": {m: (512 if quick else n) for m, n in MODELS.items()},
         "n_val": 512 if quick else 2_000,
         "n_test": 512 if quick else 5_000,
         "epochs": 2 if quick else 15,
@@ -120,108 +108,224 @@ def protocol(quick: bool, seeds: list[int] | None) -> dict[str, Any]:
         "momentum": 0.9,
         "weight_decay": 0.0,
         "lr_schedule": "cosine per step to 0",
-        "grids": {
-            "proximal": list(PROX_GRID[1::3] if quick else PROX_GRID),
-            "subgradient": list(SUB_GRID[1::3] if quick else SUB_GRID),
-        },
-        "methods": {
-            name: {"label": label, "options": opts} for name, (label, _, opts) in METHODS.items()
-        },
         "models": {
             "mlp5": "Flatten, 5 x (Linear(., 256), ReLU), Linear(256, 10)",
             "cnn": "Conv(1,8,3)-ReLU-MaxPool, Conv(8,16,3)-ReLU-MaxPool, Conv(16,32,3)-ReLU, "
             "Linear(1568, 64)-ReLU, Linear(64, 10)",
         },
-        "regularised": "conv/linear weights (CoherentStrongReg's default selection); "
-        "compression counts their exact zeros",
-        "statistic": "per seed and method (1) the largest compression among the strengths whose "
-        "validation accuracy is within 1 point of the unregularised run's (1.0 if none), and "
-        "that run's test accuracy; paired differences of log10(compression); (2) the front: "
-        "the test accuracy at 5x, 10x, 30x and 100x compression, read off the seed's "
-        "accuracy/compression front (its Pareto-optimal runs with the unregularised run as 1x, "
-        "linear in log10(compression), collapsed runs excluded); paired differences",
-        "how_chosen": "the gate's criterion and defaults were chosen in exploration on seed 0's "
-        "validation split of this data (MLP5 and the CNN) before this suite was run; the "
-        "strength of each method is chosen on the validation split by the statistic above",
+        "regularised": "conv/linear weights (not biases); sparsity counts their exact zeros",
+        "levels": {f"{c}x": s for c, s in LEVELS.items()},
+        "budgets": {b: BUDGETS[b][0] for b in budgets},
+        "gmp": "torch.nn.utils.prune.l1_unstructured per layer (gmp) or global_unstructured "
+        "(gmp-global); sparsity from torch.ao.pruning's CubicSL formula, from step "
+        "steps_per_epoch to 0.8 x steps, pruned every max(1, steps_per_epoch // 10) steps; "
+        "the masks kept to the end, then made permanent (prune.remove)",
+        "gmp_reference": "gmp",
+        "criteria": {c: CRITERIA[c][0] for c in CRITERIA},
+        "strengths": list(GRID[1::2] if quick else GRID),
+        "criteria_levels": list(CRITERIA_LEVELS),
+        "batch_sizes": [32, 128] if quick else list(BATCHES),
+        "batch_strength": BATCH_STRENGTH,
+        "bias_points": 8 if quick else 60,
+        "bias_images": 256 if quick else 2_000,
+        "how_chosen": "models, data and schedule from the earlier suite; levels 5x/10x/30x "
+        "declared before this exploration; every design choice of the budget and the "
+        "criteria's defaults is made on the validation split in exploration",
     }
     studies: dict[str, Any] = {}
-    for model, cfg in MODELS.items():
-        methods = cfg["methods"]
-        for delta in DELTAS:
-            arms = [f"{model}-{delta}pt/{m}" for m in methods]
-            labels = {f"{model}-{delta}pt/{m}": METHODS[m][0] for m in methods}
-            pairs = [
-                {
-                    "label": f"coherent - {b}: log10 compression",
-                    "a": f"{model}-{delta}pt/{b}",
-                    "b": f"{model}-{delta}pt/coherent",
-                    "metric": "log10_compression",
-                    "unit": "",
-                    "expected": "+",
-                }
-                for b in BASELINES
-            ]
-            studies[f"{model}-{delta}pt"] = {
-                "title": f"{model}: most compression within {delta} pt of the unregularised",
-                "seeds": list(seeds),
-                "arms": arms,
-                "labels": labels,
-                "columns": [
-                    ["compression", "compression", "x"],
-                    [eval_key(), "accuracy", "accuracy"],
-                    ["strength", "strength chosen", ""],
-                ],
-                "pairs": pairs,
-            }
-    for model, cfg in MODELS.items():
-        methods = cfg["methods"]
-        front_pairs = (
-            [
-                {
-                    "label": f"coherent - {b}: accuracy at {c}x",
-                    "a": f"{model}-front/{b}",
-                    "b": f"{model}-front/coherent",
-                    "metric": f"acc_at_{c}x",
-                    "unit": "accuracy",
-                    "expected": "+",
-                }
+    acc_col = [ek, ek.replace("_acc", " accuracy"), "accuracy"]
+    for model in MODELS:
+        arms = [f"{model}-budget/dense"] + [
+            f"{model}-budget/{b}-{c}x" for c in LEVELS for b in budgets
+        ]
+        labels = {f"{model}-budget/dense": "dense (no pruning)"}
+        labels.update(
+            {
+                f"{model}-budget/{b}-{c}x": f"{BUDGETS[b][0]} at {c}x"
                 for c in LEVELS
-                for b in ("always-prox", "delayed", "delayed-freeze", "coherent-nofreeze")
-            ]
-            + [
-                {
-                    "label": f"coherent at {c}x - no regulariser",
-                    "a": f"{model}-front/none",
-                    "b": f"{model}-front/coherent",
-                    "metric": f"acc_at_{c}x",
-                    "unit": "accuracy",
-                    "expected": "",  # the accuracy that compression costs: no direction claimed
-                }
-                for c in LEVELS[:2]
-            ]
+                for b in budgets
+            }
         )
-        studies[f"{model}-front"] = {
-            "title": f"{model}: test accuracy on each seed's front at a given compression",
+        pairs = []
+        for c in LEVELS:
+            pairs.append(
+                _pair(
+                    f"budget - GMP at {c}x",
+                    f"{model}-budget/gmp-{c}x",
+                    f"{model}-budget/budget-{c}x",
+                    ek,
+                    "+",
+                )
+            )
+            for b in budgets:
+                if b not in ("gmp", "budget"):
+                    pairs.append(
+                        _pair(
+                            f"{b} - GMP at {c}x",
+                            f"{model}-budget/gmp-{c}x",
+                            f"{model}-budget/{b}-{c}x",
+                            ek,
+                            "+",
+                        )
+                    )
+            pairs.append(
+                _pair(
+                    f"budget at {c}x - dense",
+                    f"{model}-budget/dense",
+                    f"{model}-budget/budget-{c}x",
+                    ek,
+                    "",
+                )
+            )
+            pairs.append(
+                _pair(
+                    f"GMP at {c}x - dense",
+                    f"{model}-budget/dense",
+                    f"{model}-budget/gmp-{c}x",
+                    ek,
+                    "",
+                )
+            )
+        studies[f"{model}-budget"] = {
+            "title": f"{model}: trained to a compression budget (5x, 10x, 30x)",
             "seeds": list(seeds),
-            "arms": [f"{model}-front/{m}" for m in methods],
-            "labels": {f"{model}-front/{m}": METHODS[m][0] for m in methods},
-            "columns": [[f"acc_at_{c}x", f"accuracy at {c}x", "accuracy"] for c in LEVELS]
-            + [["max_compression", "most compression before collapse", "x"]],
-            "pairs": front_pairs,
+            "arms": arms,
+            "labels": labels,
+            "columns": [acc_col, ["sparsity", "sparsity reached", ""]],
+            "pairs": pairs,
         }
+        carms = [f"{model}-criteria/{c}" for c in CRITERIA]
+        cpairs = []
+        for lvl in CRITERIA_LEVELS:
+            metric = f"acc_at_{lvl}x"
+            cpairs += [
+                _pair(
+                    f"gate - schedule at >= {lvl}x",
+                    f"{model}-criteria/schedule",
+                    f"{model}-criteria/gate",
+                    metric,
+                    "+",
+                ),
+                _pair(
+                    f"gate (same-batch) - schedule at >= {lvl}x",
+                    f"{model}-criteria/schedule",
+                    f"{model}-criteria/gate-same",
+                    metric,
+                    "+",
+                ),
+            ]
+        studies[f"{model}-criteria"] = {
+            "title": f"{model}: strength-driven criteria, best run (on validation) at or above "
+            "10x / 30x compression",
+            "seeds": list(seeds),
+            "arms": carms,
+            "labels": {f"{model}-criteria/{c}": CRITERIA[c][0] for c in CRITERIA},
+            "columns": [
+                [f"acc_at_{lvl}x", f"accuracy at >= {lvl}x", "accuracy"] for lvl in CRITERIA_LEVELS
+            ]
+            + [["max_compression", "most compression (any accuracy)", "x"]],
+            "pairs": cpairs,
+        }
+    bsizes = settings["batch_sizes"]
+    studies["batch"] = {
+        "title": f"mlp5: batch size, strength {BATCH_STRENGTH:g}",
+        "seeds": list(seeds),
+        "arms": [f"batch/{c}-b{b}" for b in bsizes for c in CRITERIA],
+        "labels": {
+            f"batch/{c}-b{b}": f"{CRITERIA[c][0]}, batch {b}" for b in bsizes for c in CRITERIA
+        },
+        "columns": [
+            acc_col,
+            ["compression", "compression", "x"],
+            ["on_fraction", "regulariser on (share of steps)", ""],
+        ],
+        "pairs": [
+            _pair(
+                f"gate - schedule: compression, batch {b}",
+                f"batch/schedule-b{b}",
+                f"batch/gate-b{b}",
+                "compression",
+                "",
+                "x",
+                log=True,
+            )
+            for b in bsizes
+        ],
+    }
+    studies["bias"] = {
+        "title": "mlp5: the gate's progress estimate / the actual loss decrease on held-out "
+        "images, summed over the run",
+        "seeds": list(seeds),
+        "arms": [f"bias/{k}-b{b}" for b in bsizes for k in ("actual", "same", "next")],
+        "labels": {
+            f"bias/{k}-b{b}": f"{k}, batch {b}" for b in bsizes for k in ("actual", "same", "next")
+        },
+        "columns": [["progress", "summed progress", ""]],
+        "pairs": [
+            _pair(
+                f"{k}-batch estimate / actual decrease, batch {b}",
+                f"bias/actual-b{b}",
+                f"bias/{k}-b{b}",
+                "progress",
+                "",
+                "x",
+                log=True,
+            )
+            for b in bsizes
+            for k in ("same", "next")
+        ],
+    }
     return {"settings": settings, "studies": studies}
 
 
+def _pair(
+    label: str, a: str, b: str, metric: str, expected: str, unit: str = "accuracy", log=False
+) -> dict[str, Any]:
+    out = {"label": label, "a": a, "b": b, "metric": metric, "unit": unit, "expected": expected}
+    if log:
+        out["scale"] = "log_ratio"
+    return out
+
+
 def tasks(proto: dict[str, Any]) -> list[Task]:
-    seeds = next(iter(proto["studies"].values()))["seeds"]
-    return [
-        Task(f"{model}-seed{s}-{method}", s, "sweep", {"model": model, "method": method})
-        for model, cfg in MODELS.items()
-        for s in seeds
-        for method in cfg["methods"]
-    ]
+    s = proto["settings"]
+    seeds = proto["studies"]["batch"]["seeds"]
+    budgets = list(s["budgets"])
+    out: list[Task] = []
+    for seed in seeds:
+        for model in MODELS:
+            out.append(
+                Task(
+                    f"{model}-seed{seed}-dense",
+                    seed,
+                    "budget_run",
+                    {"model": model, "arm": "dense"},
+                )
+            )
+            out += [
+                Task(f"{model}-seed{seed}-{b}", seed, "budget_run", {"model": model, "arm": b})
+                for b in budgets
+            ]
+            out += [
+                Task(
+                    f"{model}-seed{seed}-crit-{c}",
+                    seed,
+                    "criteria_run",
+                    {"model": model, "criterion": c},
+                )
+                for c in CRITERIA
+            ]
+        out += [
+            Task(f"batch-seed{seed}-b{b}", seed, "batch_run", {"batch": b})
+            for b in s["batch_sizes"]
+        ]
+        out += [
+            Task(f"bias-seed{seed}-b{b}", seed, "bias_run", {"batch": b}) for b in s["batch_sizes"]
+        ]
+    return out
 
 
+# --------------------------------------------------------------------------- training
 def make_model(name: str) -> nn.Module:
     if name == "mlp5":
         layers: list[nn.Module] = [nn.Flatten()]
@@ -246,349 +350,343 @@ def make_model(name: str) -> nn.Module:
     )
 
 
+def _weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
 def _data(ctx: Context, model: str) -> tuple[torch.Tensor, ...]:
     s = ctx.proto["settings"]
-    n_train = s["n_train"][model]
-    return fashion_subsets(ctx.data_dir, ctx.seed, n_train, s["n_val"], s["n_test"])
+    return fashion_subsets(ctx.data_dir, ctx.seed, s["n_train"][model], s["n_val"], s["n_test"])
 
 
-def _one_run(
-    ctx: Context, model_name: str, method: str, strength: float, data: tuple
+def _train(
+    ctx: Context,
+    model_name: str,
+    data: tuple,
+    *,
+    batch_size: int | None = None,
+    reg_options: dict[str, Any] | None = None,
+    gmp: str | None = None,
+    target: float | None = None,
 ) -> dict[str, Any]:
+    """One run: the model of ``model_name`` from the seed's initialisation, SGD with a
+    cosine lr, optionally a ``CoherentStrongReg`` (``reg_options``) or gradual magnitude
+    pruning (``gmp``: "layer" or "global", to ``target``)."""
     s = ctx.proto["settings"]
-    x, y, vx, vy, tx, ty = data
-    torch.set_flush_denormal(True)  # collapsed runs: tiny weights would run at denormal speed
+    x, y, vx, vy, ex, ey = data
+    torch.set_flush_denormal(True)
     seed_torch(ctx.seed, 0, 1 if model_name == "cnn" else 0)  # the same init for every run
     model = make_model(model_name)
     opt = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"])
-    per_epoch = steps_per_epoch(len(y), s["batch_size"])
+    bs = batch_size or s["batch_size"]
+    per_epoch = steps_per_epoch(len(y), bs)
     total = s["epochs"] * per_epoch
-    options = METHODS[method][2]
     reg = None
-    if options is not None:
-        kw = {k: v for k, v in options.items() if k != "delay_epochs"}
-        if "delay_epochs" in options:
-            kw["delay"] = options["delay_epochs"] * per_epoch
+    if reg_options is not None:
         reg = CoherentStrongReg(
-            model.named_parameters(), strength=strength, optimizer=opt, history_size=total, **kw
+            model.named_parameters(), optimizer=opt, history_size=total, **reg_options
         )
         reg.attach()
-    val_curve, cpu = [], 0.0
-    for e in range(s["epochs"]):
-        st = _train_epoch(
-            model,
-            opt,
-            x,
-            y,
-            batch_size=s["batch_size"],
-            gen=generator(ctx.seed, 3, e),
-            before_step=lambda i, e=e: set_lr(opt, cosine(s["lr"], e * per_epoch + i, total)),
-        )
-        cpu += st.cpu_seconds
-        if method == "none":
-            val_curve.append(accuracy(model, vx, vy))
+    pruner = _Gmp(model, gmp, target, per_epoch, total) if gmp else None
+    step, cpu = 0, time.process_time()
+    for epoch in range(s["epochs"]):
+        for xb, yb in batches(x, y, bs, generator(ctx.seed, 3, epoch)):
+            set_lr(opt, cosine(s["lr"], step, total))
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+            step += 1
+            if pruner is not None:
+                pruner.step(step)
+    if pruner is not None:
+        pruner.finish()
     report = compression_report(model)
-    history = list(reg.history) if reg is not None else []
-    active = [bool(h.get("active")) for h in history]
-    gated = [bool(h.get("active")) for h in history if not h.get("frozen")]  # the gate's own
     out = {
-        "strength": strength,
         "val_acc": accuracy(model, vx, vy),
-        eval_key(): accuracy(model, tx, ty),
-        "train_acc": accuracy(model, x, y),
+        eval_key(): accuracy(model, ex, ey),
+        "sparsity": report.sparsity,
         "compression": report.compression_ratio,
-        "on_fraction": sum(active) / len(active) if active else 0.0,
-        "switches": sum(a != b for a, b in itertools.pairwise(gated)),
-        "warmup_start": reg.state_dict()["ramp_start"] if reg is not None else None,
-        "frozen_at": reg.state_dict()["frozen_at"] if reg is not None else None,
-        "total_steps": total,
-        "train_cpu_seconds": cpu,
+        "train_cpu_seconds": time.process_time() - cpu,
+        "steps": total,
     }
-    if val_curve:
-        out["val_curve"] = val_curve
+    if reg is not None:
+        history = list(reg.history)
+        out["on_fraction"] = sum(bool(h.get("active")) for h in history) / max(len(history), 1)
+        out["frozen_at"] = reg.state_dict()["frozen_at"]
+        reg.check_budget() if isinstance(reg.criterion, Budget) else None
     return out
 
 
-def sweep(ctx: Context) -> dict[str, Any]:
-    model, method = ctx.args["model"], ctx.args["method"]
-    grids = ctx.proto["settings"]["grids"]
-    grid = (
-        (0.0,)
-        if method == "none"
-        else grids["subgradient" if METHODS[method][1] is SUB_GRID else "proximal"]
-    )
-    data = _data(ctx, model)
-    t0 = time.perf_counter()
-    runs = [_one_run(ctx, model, method, float(s), data) for s in grid]
-    return {
-        "info": {
-            "model": model,
-            "method": method,
-            "runs": runs,
-            "wall_seconds": time.perf_counter() - t0,
-        }
-    }
+class _Gmp:
+    """Gradual magnitude pruning with ``torch.nn.utils.prune``: the sparsity of
+    ``CubicSL.sparsity_compute_fn`` (Zhu & Gupta's cubic ramp, ``torch.ao.pruning``), from
+    step ``per_epoch`` to ``0.8 * total``, pruned every ``max(1, per_epoch // 10)`` steps."""
 
+    def __init__(self, model: nn.Module, how: str, target: float, per_epoch: int, total: int):
+        self.model, self.how, self.target = model, how, target
+        self.start, self.every = per_epoch, max(1, per_epoch // 10)
+        self.span = max(1, (int(0.8 * total) - per_epoch) // self.every)
+        self.params = _weights(model)
 
-def _runs(infos: dict[str, Any], model: str, seed: int, method: str) -> list[dict[str, Any]]:
-    return infos.get(f"{model}-seed{seed}-{method}", {}).get("runs", [])
-
-
-def chosen(runs: list[dict[str, Any]], reference_val: float, delta: int) -> dict[str, Any]:
-    """The run with the largest compression whose validation accuracy is within ``delta``
-    points of ``reference_val`` (the unregularised run's when none qualifies)."""
-    ok = [r for r in runs if r["val_acc"] >= reference_val - delta / 100 and r["compression"]]
-    if not ok:
-        return {}
-    return max(ok, key=lambda r: (r["compression"], r["val_acc"]))
-
-
-def finish(proto: dict[str, Any], seeds: list[dict[str, Any]], infos: dict[str, Any]) -> None:
-    """Per seed, the chosen run of every method for every delta (the studies' arms); the
-    tasks return only their sweeps (``info``), so the per-seed records are made here."""
-    have = {rec["seed"] for rec in seeds}
-    for seed in sorted({int(key.split("-seed")[1].split("-")[0]) for key in infos} - have):
-        seeds.append({"seed": seed, "arms": {}})
-    seeds.sort(key=lambda rec: rec["seed"])
-    for rec in seeds:
-        seed = rec["seed"]
-        for model, cfg in MODELS.items():
-            base = _runs(infos, model, seed, "none")
-            if not base:
-                continue
-            ref = base[0]["val_acc"]
-            for method in cfg["methods"]:
-                runs = None if method == "none" else _runs(infos, model, seed, method)
-                rec["arms"][f"{model}-front/{method}"] = front_metrics(base[0], runs)
-            for delta in DELTAS:
-                for method in cfg["methods"]:
-                    pick = chosen(_runs(infos, model, seed, method), ref, delta) or base[0]
-                    comp = pick["compression"]
-                    rec["arms"][f"{model}-{delta}pt/{method}"] = {
-                        "compression": comp,
-                        "log10_compression": math.log10(comp)
-                        if comp and math.isfinite(comp)
-                        else None,
-                        eval_key(): pick[eval_key()],
-                        "val_acc": pick["val_acc"],
-                        "strength": pick["strength"],
-                    }
-
-
-def front_metrics(reference: dict[str, Any], runs: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """Test accuracy at each of ``LEVELS`` read off one seed's front of one method (the
-    unregularised run is its 1x point; collapsed runs are left out), and the most compression
-    reached before collapse. ``runs=None``: the unregularised arm itself, whose accuracy at
-    every level is its own (the reference of the pairs)."""
-    pts = [(1.0, reference[eval_key()])] + [
-        (r["compression"], r[eval_key()])
-        for r in runs or []
-        if r[eval_key()] > COLLAPSED and r["compression"] and math.isfinite(r["compression"])
-    ]
-    fr = front(pts)
-    out: dict[str, Any] = {"max_compression": max(c for c, _ in pts)}
-    for level in LEVELS:
-        out[f"acc_at_{level}x"] = interpolate(fr, level) if runs is not None else pts[0][1]
-    return out
-
-
-def interpolate(fr: list[tuple[float, float]], level: float) -> float | None:
-    """The front's accuracy at ``level``: linear in log10 compression between its points, the
-    first point's below it (that run compresses more, at that accuracy), None beyond it."""
-    if level <= fr[0][0]:
-        return fr[0][1]
-    for (c0, a0), (c1, a1) in itertools.pairwise(fr):
-        if c0 <= level <= c1:
-            t = (math.log10(level) - math.log10(c0)) / (math.log10(c1) - math.log10(c0))
-            return a0 + t * (a1 - a0)
-    return None
-
-
-def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The Pareto front of ``(compression, accuracy)`` points: none has both higher."""
-    pts = sorted(points, key=lambda p: (-p[0], -p[1]))
-    out, best = [], -math.inf
-    for comp, acc in pts:
-        if acc > best:
-            out.append((comp, acc))
-            best = acc
-    return sorted(out)
-
-
-def sweep_means(result: dict[str, Any], model: str, method: str) -> list[dict[str, Any]]:
-    """Per strength, the mean over seeds of test accuracy, compression (geometric) and the
-    gate's on-fraction."""
-    seeds = next(iter(result["protocol"]["studies"].values()))["seeds"]
-    by_strength: dict[float, list[dict[str, Any]]] = {}
-    for seed in seeds:
-        for run in _runs(result["infos"], model, seed, method):
-            by_strength.setdefault(run["strength"], []).append(run)
-    out = []
-    for strength, runs in sorted(by_strength.items()):
-        comps = [r["compression"] for r in runs]
-        finite = [c for c in comps if c and math.isfinite(c)]
-        out.append(
-            {
-                "strength": strength,
-                eval_key(): mean([r[eval_key()] for r in runs]),
-                "compression": 10 ** mean([math.log10(c) for c in finite])
-                if len(finite) == len(comps)
-                else math.inf,
-                "on_fraction": mean([r["on_fraction"] for r in runs]),
-                "n": len(runs),
-            }
+    def sparsity_at(self, step: int) -> float:
+        return CubicSL.sparsity_compute_fn(
+            0.0, self.target, step, self.start, self.every, self.span, initially_zero=True
         )
-    return out
+
+    def step(self, step: int) -> None:
+        if step < self.start or (step - self.start) % self.every:
+            return
+        level = self.sparsity_at(step)
+        if self.how == "global":
+            total = sum(m.weight.numel() for m, _ in self.params)
+            pruned = sum(int((m.weight == 0).sum()) for m, _ in self.params)
+            extra = round(level * total) - pruned
+            if extra > 0:
+                prune.global_unstructured(
+                    self.params, pruning_method=prune.L1Unstructured, amount=extra
+                )
+            return
+        for m, name in self.params:
+            extra = round(level * m.weight.numel()) - int((m.weight == 0).sum())
+            if extra > 0:
+                prune.l1_unstructured(m, name, amount=extra)
+
+    def finish(self) -> None:
+        for m, name in self.params:
+            if prune.is_pruned(m):
+                prune.remove(m, name)
 
 
+def budget_run(ctx: Context) -> dict[str, Any]:
+    """The dense run, or one budget arm at every level."""
+    model, arm = ctx.args["model"], ctx.args["arm"]
+    data = _data(ctx, model)
+    if arm == "dense":
+        return {"arms": {f"{model}-budget/dense": _train(ctx, model, data)}}
+    out = {}
+    for c, target in LEVELS.items():
+        how = BUDGETS[arm][1]
+        if isinstance(how, str):  # gradual magnitude pruning
+            run = _train(ctx, model, data, gmp=how, target=target)
+        else:
+            run = _train(ctx, model, data, reg_options={"criterion": Budget(target, **how)})
+        run["target"] = target
+        out[f"{model}-budget/{arm}-{c}x"] = run
+    return {"arms": out}
+
+
+def criteria_run(ctx: Context) -> dict[str, Any]:
+    """One criterion over the strength grid: every run's figures (in ``info``), and the
+    criterion's best run at or above each level (chosen on validation)."""
+    model, crit = ctx.args["model"], ctx.args["criterion"]
+    data = _data(ctx, model)
+    runs = []
+    for strength in ctx.proto["settings"]["strengths"]:
+        run = _train(ctx, model, data, reg_options={"strength": strength, **CRITERIA[crit][1]})
+        run["strength"] = strength
+        runs.append(run)
+    metrics: dict[str, Any] = {"max_compression": max(r["compression"] for r in runs)}
+    for lvl in CRITERIA_LEVELS:
+        ok = [r for r in runs if r["compression"] >= lvl]
+        best = max(ok, key=lambda r: r["val_acc"]) if ok else None
+        metrics[f"acc_at_{lvl}x"] = best[eval_key()] if best else None
+        metrics[f"strength_at_{lvl}x"] = best["strength"] if best else None
+    return {"arms": {f"{model}-criteria/{crit}": metrics}, "info": {"runs": runs}}
+
+
+def batch_run(ctx: Context) -> dict[str, Any]:
+    b = ctx.args["batch"]
+    data = _data(ctx, "mlp5")
+    out = {}
+    for crit, (_, opts) in CRITERIA.items():
+        out[f"batch/{crit}-b{b}"] = _train(
+            ctx, "mlp5", data, batch_size=b, reg_options={"strength": BATCH_STRENGTH, **opts}
+        )
+    return {"arms": out}
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(F.cross_entropy(model(x), y))
+
+
+def bias_run(ctx: Context) -> dict[str, Any]:
+    """Plain SGD on MLP5 at one batch size; at ~``bias_points`` steps, the step scored by the
+    same-batch and next-batch estimates and by the actual decrease of the held-out loss."""
+    s = ctx.proto["settings"]
+    b = ctx.args["batch"]
+    x, y, vx, vy, _, _ = _data(ctx, "mlp5")
+    hx, hy = vx[: s["bias_images"]], vy[: s["bias_images"]]
+    seed_torch(ctx.seed, 0, 0)
+    model = make_model("mlp5")
+    opt = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=s["momentum"])
+    params = [p for _, p in model.named_parameters()]
+    per_epoch = steps_per_epoch(len(y), b)
+    total = s["epochs"] * per_epoch
+    every = max(1, total // s["bias_points"])
+    sums = {"actual": 0.0, "same": 0.0, "next": 0.0}
+    points: list[dict[str, float]] = []
+    pending: list[torch.Tensor] | None = None  # the measured step's change, awaiting g_{t+1}
+    step = 0
+    for epoch in range(s["epochs"]):
+        for xb, yb in batches(x, y, b, generator(ctx.seed, 3, epoch)):
+            set_lr(opt, cosine(s["lr"], step, total))
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            grads = [p.grad.detach().clone() for p in params]  # type: ignore[union-attr]
+            if pending is not None:  # the next batch's gradient at w_{t+1}
+                nxt = float(sum((g * d).sum() for g, d in zip(grads, pending, strict=True)))
+                points[-1]["next"] = nxt
+                sums["next"] += nxt
+                pending = None
+            measure = step % every == every // 2 and step + 1 < total
+            if measure:
+                before = [p.detach().clone() for p in params]
+                loss0 = _loss(model, hx, hy)
+            opt.step()
+            if measure:
+                d = [w0 - p.detach() for w0, p in zip(before, params, strict=True)]
+                same = float(sum((g * di).sum() for g, di in zip(grads, d, strict=True)))
+                actual = loss0 - _loss(model, hx, hy)
+                points.append({"step": step, "same": same, "actual": actual})
+                sums["same"] += same
+                sums["actual"] += actual
+                pending = d
+            step += 1
+    return {
+        "arms": {f"bias/{k}-b{b}": {"progress": v} for k, v in sums.items()},
+        "info": {"points": points, "every": every},
+    }
+
+
+# --------------------------------------------------------------------------- report
 def premise(
     proto: dict[str, Any], seeds: list[dict[str, Any]], infos: dict[str, Any]
 ) -> list[dict[str, Any]]:
     checks = []
-    ids = [rec["seed"] for rec in seeds]
-    top = max(proto["settings"]["grids"]["proximal"])
     for model in MODELS:
-        collapsed = [
-            r[eval_key()]
-            for s in ids
-            for r in _runs(infos, model, s, "always-prox")
-            if r["strength"] == top
+        reached = [
+            abs(rec["arms"][f"{model}-budget/budget-{c}x"]["sparsity"] - t)
+            for rec in seeds
+            for c, t in LEVELS.items()
+            if f"{model}-budget/budget-{c}x" in rec["arms"]
         ]
         checks.append(
             check(
-                f"{model}: strong L1 collapses always-on training (test accuracy of always-on "
-                f"proximal L1 at strength {top:g}, mean over seeds)",
-                mean(collapsed),
-                "<",
-                0.2,
-                "chance is 0.1",
+                f"{model}: the budget reaches its target (largest |sparsity - target| over levels "
+                "and seeds)",
+                max(reached) if reached else None,
+                "<=",
+                0.01,
             )
         )
-        gains = []
-        for s in ids:
-            curve = (_runs(infos, model, s, "none") or [{}])[0].get("val_curve", [])
-            if len(curve) >= 2:
-                gains.append((curve[-1] - curve[-min(3, len(curve))]) * 100)
-        checks.append(
-            check(
-                f"{model}: the unregularised run converged (validation accuracy gained over its "
-                "last 2 epochs, points, mean over seeds)",
-                mean(gains),
-                "<",
-                0.5,
-            )
-        )
-        switched = [
-            float(r["switches"] > 0)
-            for s in ids
-            for r in _runs(infos, model, s, "coherent")
-            if r["strength"] == top
+        gmp = [
+            abs(rec["arms"][f"{model}-budget/gmp-{c}x"]["sparsity"] - t)
+            for rec in seeds
+            for c, t in LEVELS.items()
+            if f"{model}-budget/gmp-{c}x" in rec["arms"]
         ]
         checks.append(
             check(
-                f"{model}: the gate acted where always-on L1 collapses (fraction of seeds in which "
-                f"the coherent gate switched the regulariser off at strength {top:g})",
-                mean(switched),
+                f"{model}: gradual magnitude pruning reaches its target (largest |sparsity - "
+                "target|)",
+                max(gmp) if gmp else None,
+                "<=",
+                0.01,
+            )
+        )
+        dense = [
+            rec["arms"][f"{model}-budget/dense"]["val_acc"]
+            for rec in seeds
+            if f"{model}-budget/dense" in rec["arms"]
+        ]
+        checks.append(
+            check(
+                f"{model}: the dense model learnt (validation accuracy, mean over seeds)",
+                mean(dense),
                 ">=",
-                1.0,
+                0.8,
+                "Fashion-MNIST; chance is 0.1",
             )
         )
-    frozen = [
-        r["frozen_at"] / r["total_steps"] if r.get("frozen_at") is not None else 1.0
-        for model in MODELS
-        for s in ids
-        for r in _runs(infos, model, s, "coherent")
-    ]
-    checks.append(
-        check(
-            "the default's freeze left most of the training to the regulariser (steps before "
-            "the zero pattern froze / all steps, mean over the coherent runs; 1 if it never froze)",
-            mean(frozen),
-            ">=",
-            0.5,
-        )
-    )
     return checks
 
 
 def describe(proto: dict[str, Any]) -> list[str]:
     s = proto["settings"]
     n = s["n_train"]
+    where = "validation" if proto["stage"] != "confirm" else "test"
     return [
         f"Protocol: Fashion-MNIST, {n['mlp5']:,} (MLP5) / {n['cnn']:,} (CNN) training and "
-        f"{s['n_val']:,} validation images (disjoint, drawn per seed), {s['n_test']:,} test "
-        f"images; {s['epochs']} epochs of SGD (lr {s['lr']}, momentum {s['momentum']}, cosine "
-        f"per step to 0, batch {s['batch_size']}, no weight decay). The library's default "
-        "freezes the zero pattern once the lr is below a tenth of its peak (`freeze_below=0.1`, "
-        "the last ~20 % of the steps here); the literature baselines (always-on, delayed) run "
-        "without it, and two ablations separate the gate from the freeze (the gate alone; "
-        "delayed L1 with the freeze). Proximal strengths "
-        f"{s['grids']['proximal']}; subgradient strengths {s['grids']['subgradient']} (they act "
-        "through the momentum buffer, about 10x stronger). The delayed baseline starts at epoch "
-        "3. Two statistics per seed and method: (1) the front: the test accuracy at 5x, 10x, 30x "
-        "and 100x compression read off the seed's accuracy/compression front (its "
-        "Pareto-optimal runs, the unregularised run as the 1x point, linear in "
-        "log10(compression); '-' where the method collapses before that compression), paired "
-        "differences against always-on and delayed L1 and against no regulariser; (2) the "
-        "strength chosen on the validation split: the most compression within 1 point of the "
-        "unregularised validation accuracy, with that run's test accuracy, paired differences "
-        "of log10(compression).",
+        f"{s['n_val']:,} validation images (disjoint, drawn per seed); accuracies reported on "
+        f"the {where} split; {s['epochs']} epochs of SGD (lr {s['lr']}, momentum "
+        f"{s['momentum']}, cosine per step to 0, batch {s['batch_size']}, no weight decay). "
+        "Budget study: every run trained to its level (5x, 10x, 30x: sparsity 0.8, 0.9, "
+        "0.9667 of the conv/linear weights); `CoherentStrongReg(target_sparsity=s)` against "
+        "gradual magnitude pruning (`torch.nn.utils.prune` with `torch.ao.pruning`'s cubic "
+        "schedule, per layer and global, from epoch 1 to 80 % of the steps). Criteria study: "
+        f"strengths {s['strengths']}, per seed the best run on validation among those at or "
+        "above 10x (30x) compression. Batch study: strength "
+        f"{s['batch_strength']:g} at batch {s['batch_sizes']}. Bias study: the progress "
+        "estimates of the gate against the actual decrease of the loss on "
+        f"{s['bias_images']:,} held-out validation images, summed over "
+        f"~{s['bias_points']} steps.",
     ]
 
 
 def extra_tables(result: dict[str, Any]) -> list[str]:
-    """The whole sweep: per method and strength, mean test accuracy, compression and the
-    fraction of steps the regulariser was on."""
-    lines = ["The whole sweep (mean over seeds; compression as a geometric mean):", ""]
-    for model, cfg in MODELS.items():
-        lines += [
-            f"**{model}**",
-            "",
-            "| method | strength | test accuracy | compression | reg. on |",
-            "|---|---|---|---|---|",
-        ]
-        for method in cfg["methods"]:
-            for row in sweep_means(result, model, method):
-                comp = row["compression"]
+    """The criteria study's whole sweep (mean over seeds)."""
+    ek = "test_acc" if result["stage"] == "confirm" else "val_acc"
+    lines = ["The criteria's strength sweep (mean over seeds; compression geometric):", ""]
+    lines += [
+        "| model | criterion | strength | accuracy | compression | on |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model in MODELS:
+        for crit in CRITERIA:
+            runs: dict[float, list[dict[str, Any]]] = {}
+            for key, info in result["infos"].items():
+                if key.startswith(f"{model}-seed") and key.endswith(f"-crit-{crit}"):
+                    for r in info.get("runs", []):
+                        runs.setdefault(r["strength"], []).append(r)
+            for strength, rs in sorted(runs.items()):
+                comp = math.exp(mean([math.log(r["compression"]) for r in rs]) or 0.0)
                 lines.append(
-                    f"| {METHODS[method][0]} | {row['strength']:g} | {row[eval_key()]:.4f} | "
-                    f"{'inf' if not math.isfinite(comp) else f'{comp:.1f}x'} | "
-                    f"{row['on_fraction']:.2f} |"
+                    f"| {model} | {crit} | {strength:g} | {mean([r[ek] for r in rs]):.4f} | "
+                    f"{comp:.1f}x | {mean([r.get('on_fraction', 1.0) for r in rs]):.2f} |"
                 )
-        lines.append("")
+    lines.append("")
     return lines
 
 
 def extra_panels(result: dict[str, Any]) -> list:
-    colors = {
-        "none": "black",
-        "always-sub": "tab:purple",
-        "always-prox": "tab:red",
-        "delayed": "tab:orange",
-        "delayed-freeze": "tab:brown",
-        "coherent-nofreeze": "tab:olive",
-        "coherent": "tab:green",
-        "ratio": "tab:gray",
-    }
+    ek = "test_acc" if result["stage"] == "confirm" else "val_acc"
 
     def panel(model: str):
         def draw(ax) -> None:
-            for method in MODELS[model]["methods"]:
-                rows = [
-                    r for r in sweep_means(result, model, method) if math.isfinite(r["compression"])
-                ]
-                if not rows:
-                    continue
-                pts = [(r["compression"], r[eval_key()]) for r in rows]
-                ax.plot(
-                    *zip(*pts, strict=True), "o", color=colors[method], alpha=0.35, markersize=4
-                )
-                fr = front(pts)
-                ax.plot(*zip(*fr, strict=True), "-", color=colors[method], label=METHODS[method][0])
+            arms = result["protocol"]["settings"]["budgets"]
+            for arm in arms:
+                xs, ys = [], []
+                for c in LEVELS:
+                    vals = [
+                        rec["arms"].get(f"{model}-budget/{arm}-{c}x", {}).get(ek)
+                        for rec in result["seeds"]
+                    ]
+                    vals = [v for v in vals if v is not None]
+                    if vals:
+                        xs.append(c)
+                        ys.append(sum(vals) / len(vals))
+                ax.plot(xs, ys, "o-", label=arm, markersize=4)
+            dense = [
+                rec["arms"].get(f"{model}-budget/dense", {}).get(ek) for rec in result["seeds"]
+            ]
+            dense = [v for v in dense if v is not None]
+            if dense:
+                ax.axhline(sum(dense) / len(dense), color="black", lw=0.8, label="dense")
             ax.set_xscale("log")
-            ax.set_xlabel("compression (dense / non-zero), mean over seeds")
-            ax.set_ylabel("test accuracy")
-            ax.set_title(f"{model}: accuracy / compression front", fontsize=9)
+            ax.set_xlabel("compression (trained to it)")
+            ax.set_ylabel(ek.replace("_acc", " accuracy") + " (mean over seeds)")
+            ax.set_title(f"{model}: budget vs gradual magnitude pruning", fontsize=9)
             ax.legend(fontsize=6)
 
         return draw

@@ -13,7 +13,8 @@ comparison and the smallest effect it could have detected (a planning figure wit
 sd plugged in, never a guarantee); seeds whose value is missing or not finite are listed, not
 silently dropped. :func:`holm_family` applies Holm's (1979) step-down correction to the declared
 headline comparisons of a method and adds intervals whose exclusion of 0 agrees with Holm's
-decisions. :func:`verdict` turns a summary into the words of a method card.
+decisions. :func:`verdict` reads a summary's interval: resolved or not, which direction, and
+whether a headline claim is reproduced (the method cards word it).
 
 Reference: S. Holm, "A simple sequentially rejective multiple test procedure", Scandinavian
 Journal of Statistics 6 (1979) 65-70, https://www.jstor.org/stable/4615733.
@@ -81,11 +82,12 @@ def summarize(
         A dict with ``n`` (values used), ``n_planned`` (``len(values)``), ``missing_seeds``,
         ``scale``, ``mean``, ``sd`` (ddof 1), ``se``, ``df``, ``ci`` (``[lo, hi]``), ``p``
         (two-sided one-sample t-test against 0), ``values`` (the finite values used, on the
-        input scale), ``alpha``, ``power``, ``mde_plugin_sd`` and ``mde_note`` (``None`` when
-        the detectable effect was computed). For ``"log_ratio"`` ``mean``, ``sd``, ``se``,
-        ``ci`` and ``mde_plugin_sd`` are on the log scale, and the dict also has ``geomean``
-        (``exp(mean)``) and ``ratio_ci`` (``exp(ci)``). Statistics that cannot be computed
-        are ``None``.
+        input scale), ``alpha``, ``power``, ``mde_plugin_sd``, ``mde_note`` (``""`` when the
+        detectable effect was computed, else why not), ``geomean`` and ``ratio_ci``. For
+        ``"log_ratio"`` ``mean``, ``sd``, ``se``, ``ci`` and ``mde_plugin_sd`` are on the log
+        scale, ``geomean`` is ``exp(mean)`` and ``ratio_ci`` is ``exp(ci)``; for
+        ``"difference"`` those two are ``None``. Statistics that cannot be computed are
+        ``None``.
 
     Raises:
         ValueError: For an unknown ``scale``, ``alpha`` outside ``(0, 1)``, ``power`` outside
@@ -134,10 +136,10 @@ def summarize(
         "alpha": alpha,
         "power": power,
         "mde_plugin_sd": None,
-        "mde_note": None,
+        "mde_note": "",
+        "geomean": None,
+        "ratio_ci": None,
     }
-    if scale == "log_ratio":
-        out.update(geomean=None, ratio_ci=None)
     if n == 0:
         out["mde_note"] = "no values (n = 0)"
         return out
@@ -172,8 +174,8 @@ def _power(ncp: float, df: int, tcrit: float) -> float:
     """Power of the two-sided t-test with critical value ``tcrit`` at noncentrality ``ncp``.
 
     The lower tail ``P(T < -tcrit)`` is evaluated as ``P(-T > tcrit)`` with ``-T`` noncentral
-    t at ``-ncp`` (the same number; scipy's ``nct.cdf`` returns NaN there for ``ncp`` above
-    ~7.5 where ``nct.sf`` does not).
+    t at ``-ncp`` (the same number; scipy's ``nct.cdf`` returns NaN for large ``ncp``, e.g.
+    ``nct.cdf(-2, 4, 20)`` in scipy 1.17, where ``nct.sf(2, 4, -20)`` gives 0).
 
     Raises:
         _NotFinite: When either tail is NaN or inf.
@@ -187,10 +189,8 @@ def _power(ncp: float, df: int, tcrit: float) -> float:
     return upper + lower
 
 
-def _detectable_effect(
-    n: int, sd: float, alpha: float, power: float
-) -> tuple[float | None, str | None]:
-    """The plug-in-sd minimum detectable effect and ``None``, or ``None`` and the reason."""
+def _detectable_effect(n: int, sd: float, alpha: float, power: float) -> tuple[float | None, str]:
+    """The plug-in-sd minimum detectable effect and ``""``, or ``None`` and the reason."""
     from scipy import optimize, stats
 
     df, se = n - 1, sd / math.sqrt(n)
@@ -212,7 +212,9 @@ def _detectable_effect(
         ncp = float(optimize.brentq(gap, lo, hi, xtol=1e-12, rtol=1e-14))
     except _NotFinite as err:
         return None, f"power not computable: {err}"
-    return ncp * se, None
+    except RuntimeError as err:  # brentq did not converge
+        return None, f"power not computable: {err}"
+    return ncp * se, ""
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
@@ -280,8 +282,9 @@ def holm_family(summaries: list[dict[str, Any]], *, alpha: float = 0.05) -> None
     Adds to each summary: ``p_holm``, ``rejected_holm`` (Holm's decision: ``p <= alpha /
     (m - j + 1)`` at its own step ``j`` and every earlier one, i.e. ``p_holm <= alpha``),
     ``level_holm`` (the per-comparison alpha of its interval), ``m_holm`` (the family
-    size), ``ci_holm`` (and ``ratio_ci_holm`` for ``"log_ratio"``), ``mde_plugin_sd_holm`` and
-    ``mde_note_holm`` (the detectable effect of :func:`summarize` at ``level_holm``).
+    size), ``ci_holm``, ``ratio_ci_holm`` (``exp(ci_holm)`` for ``"log_ratio"``, else
+    ``None``), ``mde_plugin_sd_holm`` and ``mde_note_holm`` (the detectable effect of
+    :func:`summarize` at ``level_holm``). An empty list is a no-op.
 
     Args:
         summaries: The family's summaries from :func:`summarize` (modified in place).
@@ -334,65 +337,50 @@ def holm_family(summaries: list[dict[str, Any]], *, alpha: float = 0.05) -> None
                 fields["ci_holm"] = [mean - half, mean + half]
                 mde, note = _detectable_effect(n, sd, level, summary["power"])
                 fields.update(mde_plugin_sd_holm=mde, mde_note_holm=note)
-        if log_ratio:
-            ci = fields["ci_holm"]
-            fields["ratio_ci_holm"] = None if ci is None else [math.exp(c) for c in ci]
+        ci = fields["ci_holm"]
+        fields["ratio_ci_holm"] = None if ci is None or not log_ratio else [math.exp(c) for c in ci]
         summary.update(fields)
-
-
-_WORDS = {"+": "higher", "-": "lower"}
 
 
 def verdict(
     summary: dict[str, Any], expected: Literal["+", "-", ""], *, family: bool
 ) -> dict[str, Any]:
-    """The verdict on one comparison, from its interval.
+    """The verdict on one comparison, from its interval (the caller words it).
 
     Args:
-        summary: From :func:`summarize`, and from :func:`holm_family` when ``family``.
+        summary: From :func:`summarize`; for ``family=True`` also passed through
+            :func:`holm_family`. A summary outside any family needs no Holm fields.
         expected: The direction the paper claims (``"+"``: ``b`` higher than ``a``, ``"-"``:
             lower) or ``""`` for a comparison without a claimed direction.
         family: Whether the comparison is in the method's declared headline family; then its
-            Holm interval decides, otherwise its raw interval does.
+            Holm interval ``ci_holm`` decides, otherwise its raw interval ``ci`` does.
 
     Returns:
-        ``{"resolved", "direction", "reproduced", "word"}``: ``resolved`` when the interval
-        excludes 0; ``direction`` ``"+"``/``"-"`` when resolved, else ``None``;
-        ``reproduced`` only for a resolved family comparison in its non-empty ``expected``
-        direction; ``word`` a short verdict, e.g. ``"reproduced (higher)"``,
-        ``"opposite direction (lower)"``, ``"lower (resolved)"`` or ``"not resolved;
-        smallest detectable effect ±0.012 (plug-in sd)"``.
+        ``{"resolved", "direction", "reproduced", "interval"}``: ``resolved`` when the
+        interval used excludes 0 (a missing interval resolves nothing); ``direction`` the sign
+        of the mean (``"+"``/``"-"``) when resolved, else ``None``; ``reproduced`` only for a
+        resolved family comparison in its non-empty ``expected`` direction; ``interval``
+        ``"holm"`` or ``"raw"``, the interval used.
 
     Raises:
-        ValueError: For an unknown ``expected``, or ``family`` without Holm fields.
+        ValueError: For an unknown ``expected``, or ``family=True`` on a summary without Holm
+            fields (:func:`holm_family` was not called on its family).
+
+    Example:
+        >>> verdict(summarize([0.3, 0.5, 0.4, 0.6]), "+", family=False)["direction"]
+        '+'
     """
     if expected not in ("+", "-", ""):
         raise ValueError(f"expected must be '+', '-' or '', got {expected!r}")
     if family and "ci_holm" not in summary:
         raise ValueError("family=True needs the Holm fields: call holm_family() on the family")
-    interval = summary["ci_holm"] if family else summary["ci"]
-    direction = None
-    if interval is not None and interval[0] > 0:
-        direction = "+"
-    elif interval is not None and interval[1] < 0:
-        direction = "-"
-    resolved = direction is not None
+    interval = summary.get("ci_holm") if family else summary.get("ci")
+    resolved = interval is not None and (interval[0] > 0 or interval[1] < 0)
+    direction = ("+" if summary["mean"] > 0 else "-") if resolved else None
     reproduced = resolved and family and expected != "" and direction == expected
-
-    if direction is not None:
-        if expected and direction != expected:
-            word = f"opposite direction ({_WORDS[direction]})"
-        elif reproduced:
-            word = f"reproduced ({_WORDS[direction]})"
-        else:
-            word = f"{_WORDS[direction]} (resolved)"
-    else:
-        suffix = "_holm" if family else ""
-        mde, note = summary[f"mde_plugin_sd{suffix}"], summary[f"mde_note{suffix}"]
-        if mde is None:
-            word = f"not resolved; power not computed ({note})"
-        elif summary["scale"] == "log_ratio":
-            word = f"not resolved; smallest detectable effect ×/÷{math.exp(mde):.4g} (plug-in sd)"
-        else:
-            word = f"not resolved; smallest detectable effect ±{mde:.3g} (plug-in sd)"
-    return {"resolved": resolved, "direction": direction, "reproduced": reproduced, "word": word}
+    return {
+        "resolved": resolved,
+        "direction": direction,
+        "reproduced": reproduced,
+        "interval": "holm" if family else "raw",
+    }

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypedDict
 import torch
 from torch import Tensor, nn
 
+from torch_recal.criteria import Criterion
 from torch_recal.heads import _unwrap, find_classifier
 
 _log = logging.getLogger("torch_recal")
@@ -26,11 +27,15 @@ ParamsSpec = Callable[[nn.Module], Iterable[Any]] | None
 class CoherentOptions(TypedDict, total=False):
     """Options of the :class:`~torch_recal.CoherentStrongReg` a ``CoherentRegCallback``
     builds (its constructor's keyword arguments but ``strength``, which the callback takes
-    itself, and ``lr``, ``optimizer``, ``scaler``, which come from the trainer)."""
+    itself, and ``lr``, ``optimizer``, ``scaler``, which come from the trainer; with a budget
+    and no ``total_steps``, the trainer's number of optimizer steps is used)."""
 
+    target_sparsity: float
     kind: Literal["l1", "l2"]
     l1_mode: Literal["prox", "subgradient"]
-    criterion: Literal["descent", "ratio", "always"]
+    group: Literal["unit"] | None
+    criterion: Literal["descent", "ratio", "always"] | Criterion
+    total_steps: int
     max_undo: float
     resume_undo: float
     smoothing: float

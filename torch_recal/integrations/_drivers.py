@@ -20,6 +20,7 @@ Each ``*Driver`` holds one library piece and the rules that do not depend on the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,6 +40,7 @@ from torch_recal._checks import (
     check_state_keys,
 )
 from torch_recal.coherent import Attachment, CoherentStrongReg
+from torch_recal.criteria import Budget
 from torch_recal.generative import GenerativeGradientLoss
 from torch_recal.heads import _tied_elsewhere, _unwrap, find_classifier
 from torch_recal.integrations._common import (
@@ -431,7 +433,9 @@ class CoherentDriver(Driver):
 
     who = "CoherentRegCallback"
 
-    def __init__(self, strength: float, params: ParamsSpec, options: Mapping[str, Any]) -> None:
+    def __init__(
+        self, strength: float | None, params: ParamsSpec, options: Mapping[str, Any]
+    ) -> None:
         super().__init__()
         who = self.who
         unknown = sorted(set(options) - set(COHERENT_OPTIONS))
@@ -451,7 +455,7 @@ class CoherentDriver(Driver):
         except (TypeError, ValueError) as error:
             message = str(error).removeprefix("CoherentStrongReg: ")
             raise type(error)(f"{who}: {message}") from None
-        self.strength = float(strength)
+        self.strength = None if strength is None else float(strength)
         self.params = params
         self.options = dict(options)
         self.handle: Attachment | None = None
@@ -469,10 +473,12 @@ class CoherentDriver(Driver):
         optimizers: Sequence[torch.optim.Optimizer],
         scaler: Any = None,
         state: Mapping[str, Any] | None = None,
+        total_steps: int | None = None,
     ) -> CoherentStrongReg:
         """Build the regulariser on the first of ``optimizers`` that holds its tensors, load
         ``state`` (or a state loaded before), then attach it; a bad state raises before
-        anything is attached."""
+        anything is attached. ``total_steps`` (the trainer's number of optimizer steps) ends
+        a budget that was given none."""
         self.detach()
         model = _unwrap(model)
         if not optimizers:
@@ -480,13 +486,22 @@ class CoherentDriver(Driver):
         params = model.named_parameters() if self.params is None else self.params(model)
         if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
             scaler = None
+        options = dict(self.options)
+        budget = "target_sparsity" in options or isinstance(options.get("criterion"), Budget)
+        if budget and total_steps and "total_steps" not in options:
+            criterion = options.get("criterion")
+            if isinstance(criterion, Budget):
+                if criterion.total_steps is None:
+                    options["criterion"] = dataclasses.replace(criterion, total_steps=total_steps)
+            else:
+                options["total_steps"] = int(total_steps)
         reg = CoherentStrongReg(params, strength=self.strength, optimizer=optimizers[0],
-                                scaler=scaler, **self.options)  # fmt: skip
+                                scaler=scaler, **options)  # fmt: skip
         holder = next((o for o in optimizers if _holds(o, reg.params)), optimizers[0])
         if holder is not optimizers[0]:  # the same selection, on the optimizer that holds it
             reg = CoherentStrongReg(zip(reg.names, reg.params, strict=True),
                                     strength=self.strength, optimizer=holder, scaler=scaler,
-                                    **self.options)  # fmt: skip
+                                    **options)  # fmt: skip
         if state:
             self._pending = dict(state)
         self.piece = None
@@ -568,7 +583,11 @@ class CoherentInit:
     """The constructor and ``reg`` of both frameworks' ``CoherentRegCallback``."""
 
     def __init__(
-        self, *, strength: float, params: ParamsSpec = None, **options: Unpack[CoherentOptions]
+        self,
+        *,
+        strength: float | None = None,
+        params: ParamsSpec = None,
+        **options: Unpack[CoherentOptions],
     ) -> None:
         self._driver = CoherentDriver(strength, params, options)
 

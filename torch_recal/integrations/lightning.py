@@ -33,6 +33,7 @@ DDP needs ``strategy="ddp_find_unused_parameters_true"``. See ``docs/integration
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -465,7 +466,9 @@ class CoherentRegCallback(CoherentInit, _DriverCallback):
     Paper: Park et al., https://arxiv.org/abs/1811.08056
 
     Args:
-        strength: the regularisation strength (lambda), a positive float.
+        strength: the regularisation strength (lambda), a positive float; not needed with a
+            budget (``target_sparsity=``), whose ``total_steps`` is then the trainer's
+            ``estimated_stepping_batches`` unless given.
         params: ``None`` (the module's ``named_parameters()``) or a function
             ``pl_module -> parameters or (name, parameter) pairs``.
         **options: the :class:`~torch_recal.CoherentStrongReg` options (``kind``,
@@ -486,7 +489,9 @@ class CoherentRegCallback(CoherentInit, _DriverCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._driver.build(pl_module, trainer.optimizers, scaler)
+        steps = trainer.estimated_stepping_batches
+        total = int(steps) if isinstance(steps, (int, float)) and math.isfinite(steps) else None
+        self._driver.build(pl_module, trainer.optimizers, scaler, total_steps=total)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

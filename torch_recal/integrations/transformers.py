@@ -476,7 +476,8 @@ class CoherentRegCallback(CoherentInit, _Stateful):
     Args:
         strength, params, **options: as in
             :class:`torch_recal.integrations.lightning.CoherentRegCallback` (``params``:
-            ``None``, the model's ``named_parameters()``, or a function ``model -> pairs``).
+            ``None``, the model's ``named_parameters()``, or a function ``model -> pairs``;
+            a budget without ``total_steps`` ends at the ``Trainer``'s ``max_steps``).
 
     Attributes:
         reg: the :class:`~torch_recal.CoherentStrongReg` (``None`` before training; kept
@@ -494,8 +495,9 @@ class CoherentRegCallback(CoherentInit, _Stateful):
         prepared = kwargs.get("optimizer")
         inner = getattr(prepared, "optimizer", None)  # accelerate's AcceleratedOptimizer
         optimizer = inner if isinstance(inner, torch.optim.Optimizer) else prepared
+        total = int(state.max_steps) if getattr(state, "max_steps", 0) else None
         self._driver.build(kwargs["model"], [optimizer] if optimizer is not None else [],
-                           getattr(prepared, "scaler", None), saved)  # fmt: skip
+                           getattr(prepared, "scaler", None), saved, total)  # fmt: skip
 
     @override
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
