@@ -162,3 +162,26 @@ def test_load_state_dict_takes_what_state_dict_gave_through_torch_save(tmp_path)
     c = h.numpy() - h.numpy().mean(0)
     assert rel(other.s_hh, c.T @ c) < 1e-12
     assert torch.equal(other.s_hh, acc.s_hh) and torch.equal(other.s_ht, acc.s_ht)
+
+
+def test_a_rare_feature_with_a_ridge_stays_on_the_cholesky_path(caplog):
+    """A feature that is non-zero in one sample (a ReLU unit that almost never fires) has a
+    tiny variance; with a ridge the system is well-conditioned and needs no fallback (the
+    Jacobi scaling must be that of ``S_hh + ridge I``, not of ``S_hh`` alone)."""
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(400, 12, generator=g, dtype=torch.float64)
+    rare = torch.zeros(400, 1, dtype=torch.float64)
+    rare[7] = 1e-5
+    h = torch.cat([h, rare], 1)
+    y = torch.randint(0, 4, (400,), generator=g)
+    acc = NormalEquations(13, 4)
+    acc.update(h, torch.from_numpy(onehot(y, 4)))
+    for ridge in (1e-3, 10.0, 1e4):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="torch_recal"):
+            sol = acc.solve(ridge)
+        assert sol.solver == "cholesky" and not caplog.records, ridge
+        assert sol.condition < 1e6
+        sk = Ridge(alpha=ridge, solver="svd").fit(h.numpy(), onehot(y, 4))
+        assert rel(sol.weight, sk.coef_) < 1e-8
+        assert rel(sol.bias, sk.intercept_) < 1e-8

@@ -15,10 +15,11 @@ product is symmetric, so only its lower block triangle is computed (block rows o
 :func:`gram_block_rows` columns) and the upper triangle is mirrored once, when the
 statistics are read. The bias is then ``b = mean(T) - W mean(H)``, i.e. the augmented system
 with an unpenalised bias row is solved by eliminating the bias exactly, without forming the
-ill-conditioned uncentred ``[H 1]^T [H 1]``. The centred system is Jacobi-scaled (unit
-diagonal) and solved by Cholesky; when Cholesky fails or the system looks ill-conditioned, an
-eigendecomposition of the unscaled system gives the (minimum-norm) pseudo-inverse solution,
-and the fallback is logged (``logging.getLogger("torch_recal")``, ``WARNING``).
+ill-conditioned uncentred ``[H 1]^T [H 1]``. The centred system with its ridge,
+``S_hh + ridge I``, is Jacobi-scaled (unit diagonal) and solved by Cholesky; when Cholesky
+fails or the system looks ill-conditioned, an eigendecomposition of the unscaled system
+gives the (minimum-norm) pseudo-inverse solution, and the fallback is logged
+(``logging.getLogger("torch_recal")``, ``WARNING``).
 """
 
 from __future__ import annotations
@@ -489,7 +490,10 @@ class NormalEquations:
 def _solve_spd(a: Tensor, rhs: Tensor, ridge: float) -> tuple[Tensor, str, float]:
     """Solve ``(a + ridge I) x = rhs`` for symmetric PSD ``a`` (float64)."""
     d = a.shape[0]
-    diag = a.diagonal().clamp_min(0)
+    # Jacobi scaling of the matrix that is factorised, a + ridge I (unit diagonal): scaling
+    # by a's own diagonal alone blew a rare feature's ridge term up to ridge / a_ii and the
+    # condition estimate with it, so well-posed ridge problems fell back to eigh
+    diag = a.diagonal().clamp_min(0) + ridge
     scale = torch.where(diag > 0, diag.rsqrt(), torch.ones_like(diag))
     scaled = a * scale[:, None] * scale[None, :]
     scaled.diagonal().add_(ridge * scale * scale)

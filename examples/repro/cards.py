@@ -305,10 +305,9 @@ def generated(results_dir: Path, name: str, stage: str, img_rel_dir: str | None)
     path = result_path(results_dir, name, stage)
     if not path.exists():
         if stage == "confirm":
-            reg = results_dir / "preregistered" / f"{name}.json"
-            shown = Path(*results_dir.parts[-2:], reg.parent.name, reg.name)  # the same text
-            # whether results_dir is relative (the CLI) or absolute (the tests)
-            return ("\n" + (f"No confirm run yet; its pre-registration is `{shown.as_posix()}`."
+            reg = results_dir / "preregistered" / f"{name}.json"  # named from the repo root
+            shown = Path(relative_to_root(reg)).as_posix()
+            return ("\n" + (f"No confirm run yet; its pre-registration is `{shown}`."
                             if reg.exists() else "No confirm run yet.") + "\n")  # fmt: skip
         return "\nNo exploration result yet.\n"
     result = json.loads(path.read_text())
