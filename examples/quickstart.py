@@ -12,7 +12,7 @@ seed, data, batches and SGD schedule:
 It prints test accuracy, the parameters of the model you ship, the file size and the CPU
 latency of a batch side by side, and writes ``outputs/quickstart.png``.
 
-    python examples/quickstart.py            # about 2-3 minutes on 2 CPU cores
+    python examples/quickstart.py            # about 30 s on 2 CPU cores (after installation)
     python examples/quickstart.py --smoke    # seconds
 """
 
