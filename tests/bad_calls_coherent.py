@@ -39,7 +39,7 @@ CASES += [
     _ctor(ValueError, "`strength`", strength=float("nan")),
     _ctor(ValueError, "`l1_mode`", l1_mode="clip"),
     _ctor(ValueError, "`criterion`", criterion="coherent"),
-    _ctor(TypeError, "`criterion`", criterion=None),
+    _ctor(TypeError, "`criterion`", criterion=1),
     _ctor(ValueError, "`max_undo`", max_undo=0.0),
     _ctor(ValueError, "`resume_undo`", resume_undo=0.9),  # above max_undo
     _ctor(ValueError, "`smoothing`", smoothing=1.0),
@@ -185,7 +185,7 @@ CASES += [
 
 # ----------------------------------------------------------------- load_state_dict
 def _stepped_state() -> tuple[CoherentStrongReg, nn.Module, torch.optim.Optimizer]:
-    reg, model, opt = _stepped()
+    reg, model, opt = _stepped(criterion=DescentGate())  # the gate's state: all fields set
     opt.step()
     reg.after_step()
     return reg, model, opt
@@ -213,6 +213,8 @@ CASES += [
     _load(ValueError, "`is_active`", frozen_at=0, is_active=True),  # frozen means off
     _load(ValueError, "`peak_lr`", peak_lr=0.0),
     _load(ValueError, "`state_dict`", history=[]),
+    _load(ValueError, "`criterion`", criterion="always"),  # saved with the gate
+    _load(TypeError, "`criterion`", criterion=1),
     Bad(
         f"{_REG}.load_state_dict",
         lambda c: c[0].load_state_dict([]),

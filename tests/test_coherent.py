@@ -103,8 +103,9 @@ def test_next_batch_progress_matches_hand_computation():
     lr, s = 0.1, 0.05
     (p,) = _params_with_grads([torch.tensor(w0)], [torch.tensor(g0)])
     opt = torch.optim.SGD([p], lr=lr)
-    reg = CoherentStrongReg([p], strength=s, optimizer=opt, warmup=0, freeze_below=None)
-    assert reg.criterion == DescentGate(progress="next-batch")  # the default gate
+    reg = CoherentStrongReg([p], strength=s, optimizer=opt, warmup=0, freeze_below=None,
+                            criterion=DescentGate())  # fmt: skip
+    assert reg.criterion == DescentGate(progress="next-batch")  # the gate's default progress
     for g in (g0, g1):
         p.grad = torch.tensor(g)
         reg.step()
@@ -614,6 +615,7 @@ def _train_manual(model, opt, reg, batches, clip=None):
 def _pair(make_opt, strength=0.1, **kw):
     models = [_mlp(hidden=32), _mlp(hidden=32)]
     opts = [make_opt(m.parameters()) for m in models]
+    kw = {"criterion": DescentGate(), **kw}  # the gate: its decisions must agree too
     regs = [
         CoherentStrongReg(m.named_parameters(), strength=strength, optimizer=o, warmup=0, **kw)
         for m, o in zip(models, opts, strict=True)
@@ -862,7 +864,8 @@ def _ddp_worker(rank: int, world_size: int) -> dict:
     model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.2)
-    reg = CoherentStrongReg(model.named_parameters(), strength=0.1, optimizer=opt, warmup=0)
+    reg = CoherentStrongReg(model.named_parameters(), strength=0.1, optimizer=opt, warmup=0,
+                            criterion=DescentGate())  # fmt: skip
     reg.attach()
     for x, y in _batches(16, seed=100 + rank):  # each rank sees different data
         opt.zero_grad()
@@ -1068,11 +1071,94 @@ def test_every_earlier_call_form_builds_the_same_criterion():
                               reactivate=False)  # fmt: skip
     assert ratio.criterion == RatioRule(window=3, reactivate=False)
     assert CoherentStrongReg([p], strength=0.1, criterion="always").criterion == Always()
-    assert CoherentStrongReg([p], strength=0.1, lr=0.1).criterion == DescentGate()
+    assert CoherentStrongReg([p], strength=0.1, lr=0.1, criterion="descent").criterion == (
+        DescentGate()
+    )
+    assert CoherentStrongReg([p], strength=0.1, lr=0.1, criterion=None).criterion == Always()
+    gate = CoherentStrongReg([p], strength=0.1, lr=0.1, resume_undo=0.1)  # the gate's options
+    assert gate.criterion == DescentGate(resume_undo=0.1)  # alone still select the gate
     with pytest.raises(TypeError, match="`window` is an option of RatioRule"):
         CoherentStrongReg([p], strength=0.1, lr=0.1, window=3)
     with pytest.raises(TypeError, match="belongs in the criterion object"):
         CoherentStrongReg([p], strength=0.1, lr=0.1, criterion=DescentGate(), max_undo=0.2)
+
+
+def test_the_strength_driven_default_is_always_warmup_prox_freeze_by_hand():
+    """``strength=`` without ``criterion=``: ``Always()``. Hand computation in numpy of
+    0.5 ||w - target||^2 under SGD: no regularisation during ``delay``, the proximal step
+    ``soft(w - lr g, lr * strength * ramp)`` at every step of the linear warm-up and after it,
+    then, once the learning rate is below ``freeze_below`` of its peak, plain SGD with the
+    zeros kept."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(4, 5))
+    target = rng.normal(size=(4, 5)) * 0.5
+    p = nn.Parameter(torch.tensor(w))
+    opt = torch.optim.SGD([p], lr=0.5)
+    s, delay, warmup = 0.4, 1, 2
+    reg = CoherentStrongReg([p], strength=s, optimizer=opt, delay=delay, warmup=warmup)
+    assert reg.criterion == Always()
+    lrs = [0.5] * 6 + [0.02] * 3  # 0.02 < 0.1 * 0.5: frozen from step 6 on
+    for t, lr in enumerate(lrs):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        (0.5 * (p - torch.tensor(target)).square().sum()).backward()
+        reg.step()
+        opt.step()
+        reg.after_step()
+        frozen = lr < 0.1 * 0.5
+        zeros = w == 0  # the zeros before the step
+        w = w - lr * (w - target)  # numpy: the SGD step
+        if frozen:  # no more regularisation; the zeros stay zero
+            w = np.where(zeros, 0.0, w)
+        elif t >= delay:  # numpy: the proximal step, ramped over the warm-up
+            w = _soft(w, lr * s * min(1.0, (t - delay + 1) / warmup))
+        assert reg.history[-1]["active"] is (t >= delay and not frozen), t
+        np.testing.assert_allclose(p.detach().numpy(), w, rtol=0, atol=1e-12, err_msg=str(t))
+    assert reg.frozen and reg.state_dict()["frozen_at"] == 6
+    assert 0 < int((w == 0).sum()) < w.size  # the proximal steps made exact zeros, not all
+
+
+def test_a_gate_state_resumes_only_into_the_gate():
+    """A state saved with the descent gate (the default before ``Always()``) loads into
+    ``criterion=DescentGate()``; into the default (``Always()``) it is a ``ValueError`` naming
+    the criterion, also for a state saved before the criterion's name was recorded."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gate = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0,
+                             criterion=DescentGate())  # fmt: skip
+    for x, y in _batches(3):
+        _manual_step(model, opt, gate, x, y)
+    saved = gate.state_dict()
+    assert saved["criterion"] == "descent" and saved["last_step"] is not None
+    older = {k: v for k, v in saved.items() if k != "criterion"}  # before it was recorded
+    for state in (saved, older):
+        again = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt,
+                                  warmup=0, criterion=DescentGate())  # fmt: skip
+        again.load_state_dict(state)
+        assert again.num_steps == 3
+        default = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt,
+                                    warmup=0)  # fmt: skip
+        with pytest.raises(ValueError, match=r"`criterion`.*'descent'.*criterion=DescentGate\(\)"):
+            default.load_state_dict(state)
+        assert default.num_steps == 0  # nothing changed
+    plain = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0)
+    for x, y in _batches(2):
+        _manual_step(model, opt, plain, x, y)
+    state = plain.state_dict()
+    assert state["criterion"] == "always"
+    older = {k: v for k, v in state.items() if k != "criterion"}
+    for loaded in (state, older):  # an Always state loads, with its name or without it
+        fresh = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt,
+                                  warmup=0)  # fmt: skip
+        fresh.load_state_dict(loaded)
+        assert fresh.num_steps == 2
+    ratio = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0,
+                              criterion="ratio")  # fmt: skip
+    with pytest.raises(ValueError, match=r"'always'.*RatioRule"):
+        ratio.load_state_dict(state)
+    with pytest.raises(TypeError, match="`criterion`"):
+        ratio.load_state_dict({**state, "criterion": 1})
 
 
 def test_the_constructor_takes_fewer_arguments_than_before():
@@ -1091,15 +1177,17 @@ def test_the_constructor_takes_fewer_arguments_than_before():
 def test_a_state_saved_before_the_next_batch_progress_loads():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    reg = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0)
+    reg = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0,
+                            criterion=DescentGate())  # fmt: skip
     for x, y in _batches(3):
         _manual_step(model, opt, reg, x, y)
     old = {
         k: v
         for k, v in reg.state_dict().items()
-        if k not in ("measured_step", "measured_cost", "measured_applied", "last_step")
+        if k not in ("measured_step", "measured_cost", "measured_applied", "last_step", "criterion")
     }
-    fresh = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0)
+    fresh = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0,
+                            criterion=DescentGate())  # fmt: skip
     fresh.load_state_dict(old)
     state = fresh.state_dict()
     assert state["num_steps"] == 3 and state["measured_step"] is None
@@ -1157,7 +1245,8 @@ def test_next_batch_progress_skips_a_step_whose_trained_tensors_changed():
     change no longer matches this step's tensors, so that measurement is skipped."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    reg = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0)
+    reg = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0,
+                            criterion=DescentGate())  # fmt: skip
     batches = _batches(4)
     _manual_step(model, opt, reg, *batches[0])
     model[0].weight.requires_grad_(False)

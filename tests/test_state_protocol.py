@@ -122,6 +122,7 @@ class CoherentStrongRegWorld(World):
         "last_step",
         "budget_limits",
         "budget_target",
+        "criterion",  # a state saved before the criterion's name was recorded lacks it
     )
 
     @classmethod

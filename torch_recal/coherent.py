@@ -14,7 +14,7 @@ import logging
 import math
 import warnings
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -86,6 +86,7 @@ Group = Literal["unit"] | None
 _KINDS = ("l1", "l2")
 _L1_MODES = ("prox", "subgradient")
 _WHO = "CoherentStrongReg"
+_UNRECORDED = object()  # a state saved before the criterion's name was recorded
 _UNSCHEDULED_AFTER = 1000  # steps at the peak learning rate before a budget warns
 _log = logging.getLogger("torch_recal")
 
@@ -105,14 +106,17 @@ class CoherentStrongReg:
 
     *When and how strongly* is the ``criterion`` (:mod:`torch_recal.criteria`):
 
+    * :class:`~torch_recal.Always` (``"always"``; the default with ``strength=``): on at
+      every step after ``delay`` and the warm-up until the freeze, i.e. the simple schedule
+      warm-up -> proximal L1 -> freeze (with ``delay=``: Delayed Strong Regularization);
     * :class:`~torch_recal.DescentGate` (``"descent"``): off when the regulariser's step
       undoes more than ``max_undo`` of the optimizer's first-order progress on the loss
       (smoothed), on again below ``resume_undo``; the progress is measured with the next
-      mini-batch's gradient (unbiased) by default;
+      mini-batch's gradient (unbiased) by default. It was the default before; pass
+      ``criterion=DescentGate()`` for it (the gate's options as keyword arguments without a
+      criterion, ``max_undo=`` ..., also select it);
     * :class:`~torch_recal.RatioRule` (``"ratio"``): the library's first default (norm ratio
       and cosine of the loss and regulariser gradients); it measured poorly, kept by name;
-    * :class:`~torch_recal.Always` (``"always"``): on at every step after ``delay`` (the plain
-      and delayed baselines);
     * :class:`~torch_recal.Budget` (``target_sparsity=``): reach that share of exact zeros by
       the end of training, then keep the zero pattern; no strength to search.
 
@@ -151,8 +155,10 @@ class CoherentStrongReg:
             output layer out of ``params`` then: its units are the model's outputs.
         criterion: a criterion object (:class:`~torch_recal.DescentGate`,
             :class:`~torch_recal.RatioRule`, :class:`~torch_recal.Always`,
-            :class:`~torch_recal.Budget`) or one of ``"descent"`` (default), ``"ratio"``,
-            ``"always"``.
+            :class:`~torch_recal.Budget`) or one of ``"descent"``, ``"ratio"``,
+            ``"always"``; ``None`` (default): :class:`~torch_recal.Always` with
+            ``strength=``, unless the gate's options are given (``max_undo=`` ...), which
+            select :class:`~torch_recal.DescentGate` with them.
         total_steps: the run's number of optimizer steps, for a budget (needed when the
             learning rate does not decay).
         warmup: ``"auto"`` (wait for take-off, then ramp the strength; see the card), or a
@@ -173,9 +179,10 @@ class CoherentStrongReg:
         weights_only: keep only conv/linear weights (see above).
         history_size: how many recent steps :attr:`history` keeps.
         **options: the criterion options of the form before criteria were objects
-            (``max_undo``, ``resume_undo``, ``smoothing`` with ``"descent"``; ``max_ratio``,
-            ``min_cosine``, ``window``, ``reactivate`` with ``"ratio"``): passed to the
-            criterion named by ``criterion``. Prefer the object form.
+            (``max_undo``, ``resume_undo``, ``smoothing`` with ``"descent"`` or without a
+            criterion, which then is the descent gate; ``max_ratio``, ``min_cosine``,
+            ``window``, ``reactivate`` with ``"ratio"``): passed to the criterion named by
+            ``criterion``. Prefer the object form.
 
     Example:
         >>> import torch
@@ -205,7 +212,7 @@ class CoherentStrongReg:
         kind: Kind = "l1",
         l1_mode: L1Mode = "prox",
         group: Group = None,
-        criterion: str | Criterion = "descent",
+        criterion: str | Criterion | None = None,
         total_steps: int | None = None,
         warmup: int | Literal["auto"] = "auto",
         takeoff: float = 10.0,
@@ -229,7 +236,7 @@ class CoherentStrongReg:
                 )
         self.group: Group = group
         if target_sparsity is not None:
-            if not isinstance(criterion, str) or criterion != "descent" or options:
+            if criterion is not None or options:
                 raise TypeError(
                     f"{_WHO}: `target_sparsity` is the budget criterion; pass either it or "
                     "`criterion=` (and no criterion options), not both"
@@ -388,9 +395,10 @@ class CoherentStrongReg:
 
     def state_dict(self) -> dict[str, Any]:
         """The state: counters, the gate and its averages (not the history), as plain data;
-        with ``DescentGate(progress="next-batch")`` also ``last_step``, the last step's
-        weight change (one tensor per regularised tensor, this rank's part), whose progress
-        the next step measures.
+        ``criterion``, the criterion's name (``"always"``, ``"descent"``, ...), which
+        :meth:`load_state_dict` checks; with ``DescentGate(progress="next-batch")`` also
+        ``last_step``, the last step's weight change (one tensor per regularised tensor,
+        this rank's part), whose progress the next step measures.
 
         Example:
             >>> import torch
@@ -398,27 +406,68 @@ class CoherentStrongReg:
             >>> reg = CoherentStrongReg([torch.nn.Parameter(torch.ones(2, 2))], strength=0.1,
             ...                         lr=0.1)
             >>> state = reg.state_dict()
-            >>> state["num_steps"], state["is_active"]
-            (0, False)
+            >>> state["num_steps"], state["criterion"]
+            (0, 'always')
         """
         out = dict(self._state)
         out["last_step"] = None if self._last_step is None else list(self._last_step)
+        out["criterion"] = self.criterion.name
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; everything is checked first (types,
         ranges, consistency), then assigned at once. A state saved before the next-batch
-        progress existed (without its keys) loads too: its first step is not measured."""
+        progress existed (without its keys) loads too: its first step is not measured.
+
+        The state must come from the same criterion: a state saved with the descent gate
+        (the default before ``Always()``) loads into a regulariser built with
+        ``criterion=DescentGate()``; into another criterion it is a :class:`ValueError`
+        naming both. A state saved before ``criterion`` was recorded is told apart by what
+        only the gate leaves in it (a pending next-batch measurement, or the regulariser off
+        before the freeze)."""
         who = f"{_WHO}.load_state_dict"
-        if isinstance(state_dict, dict):
+        saved: Any = _UNRECORDED
+        if isinstance(state_dict, Mapping):
             state_dict = {**OPTIONAL_STATE, **state_dict}
+            saved = state_dict.pop("criterion", _UNRECORDED)
         new = check_gate_state(state_dict, self._state.keys(), self.warmup, self.delay, who)
+        self._check_saved_criterion(saved, new, state_dict["last_step"], who)
         last = check_last_step(state_dict["last_step"], self.params, who)
         self._state = new
         self._last_step = last
         if last is None:
             self._state["measured_step"] = None
         self._pending = None
+
+    def _check_saved_criterion(
+        self, saved: Any, state: dict[str, Any], last_step: Any, who: str
+    ) -> None:
+        """``load_state_dict``: the saved criterion (its name, or ``_UNRECORDED`` for a state
+        saved before it was recorded) must be this regulariser's."""
+        mine = self.criterion
+        if saved is _UNRECORDED:  # an older state: only the descent gate leaves these
+            gate_only = last_step is not None or state["measured_step"] is not None
+            if isinstance(mine, Always):
+                gate_only = gate_only or (not state["is_active"] and state["frozen_at"] is None)
+            if isinstance(mine, DescentGate) or not gate_only:
+                return
+            saved = DescentGate.name
+        elif not isinstance(saved, str):
+            raise TypeError(
+                f"{who}: `criterion` must be a criterion's name, got {type(saved).__name__}"
+            )
+        if saved == mine.name:
+            return
+        hint = (
+            " (the default of the strength-driven form was the descent gate before it became "
+            "Always(): construct the regulariser with criterion=DescentGate() to resume it)"
+            if saved == DescentGate.name
+            else ""
+        )
+        raise ValueError(
+            f"{who}: `criterion`: the state was saved with criterion {saved!r}, this "
+            f"regulariser's is {mine!r}{hint}"
+        )
 
     # ------------------------------------------------------------------ hooks
     def attach(self, optimizer: torch.optim.Optimizer | None = None) -> Attachment:

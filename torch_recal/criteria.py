@@ -8,6 +8,12 @@ small frozen configuration object passed as ``criterion=``; the strings ``"desce
 apply to every criterion (``warmup``, ``delay``, ``freeze_below``, ``total_steps``) stay
 arguments of the regulariser.
 
+Without ``criterion=`` the strength-driven form (``strength=``) uses :class:`Always`: the
+simple schedule warm-up -> proximal L1 -> freeze. The descent gate is
+``criterion=DescentGate()`` (or ``"descent"``); the gate's options given as keyword
+arguments without a criterion (``max_undo=``, ``resume_undo=``, ``smoothing=``, the form
+before the criteria became objects) still select :class:`DescentGate` with those options.
+
 Paper: Park et al., "Gradient-Coherent Strong Regularization for Deep Neural Networks",
 https://arxiv.org/abs/1811.08056 (the criteria themselves are this library's, chosen by
 measurement; see ``docs/methods/coherent.md``).
@@ -119,7 +125,8 @@ class RatioRule:
 class Always:
     """On at every step (after ``delay`` and the warm-up, until the freeze): plain strong L1,
     or, with ``delay=``, Delayed Strong Regularization (Park et al.'s earlier method,
-    https://openreview.net/forum?id=Bys_NzbC-).
+    https://openreview.net/forum?id=Bys_NzbC-). The default criterion of the strength-driven
+    form (``strength=`` without ``criterion=``): warm-up -> proximal L1 -> freeze.
 
     Example:
         >>> from torch_recal import Always
@@ -224,13 +231,38 @@ def legacy_options() -> tuple[str, ...]:
 
 
 def resolve_criterion(criterion: Any, options: dict[str, Any], *, who: str) -> Criterion:
-    """The criterion object of ``criterion`` (an object or a name) and the legacy keyword
-    ``options`` (``max_undo=...`` with ``criterion="descent"``, ...): each option goes to its
-    criterion's constructor, checked there; an option of another criterion, or options beside
-    an object, is a :class:`TypeError`."""
+    """The criterion object of ``criterion`` (an object, a name, or ``None`` for the default)
+    and the legacy keyword ``options`` (``max_undo=...`` with ``criterion="descent"``, ...):
+    each option goes to its criterion's constructor, checked there; an option of another
+    criterion, or options beside an object, is a :class:`TypeError`.
+
+    ``criterion=None`` is :class:`Always` (the strength-driven default), except that the
+    descent gate's options without a criterion (``max_undo=``, ``resume_undo=``,
+    ``smoothing=``) select :class:`DescentGate` with them, as they did when the gate was the
+    default.
+
+    Example:
+        >>> from torch_recal.criteria import resolve_criterion
+        >>> resolve_criterion(None, {}, who="f")
+        Always()
+        >>> resolve_criterion(None, {"max_undo": 0.4}, who="f").max_undo
+        0.4
+    """
     unknown = sorted(set(options) - set(_LEGACY))
     if unknown:
         raise TypeError(f"{who}: unexpected keyword argument `{unknown[0]}`")
+    if criterion is None:
+        if not options:
+            return Always()
+        other = [key for key in options if _LEGACY[key] is not DescentGate]
+        if other:
+            key = other[0]
+            raise TypeError(
+                f"{who}: `{key}` is an option of {_LEGACY[key].__name__}: pass "
+                f"criterion={_LEGACY[key].__name__}({key}=...) (the default criterion, "
+                "Always(), has no options)"
+            )
+        criterion = "descent"  # the gate's options alone: the gate, as before
     if isinstance(criterion, (DescentGate, RatioRule, Always, Budget)):
         if options:
             raise TypeError(
@@ -240,8 +272,8 @@ def resolve_criterion(criterion: Any, options: dict[str, Any], *, who: str) -> C
         return criterion
     if not isinstance(criterion, str):
         raise TypeError(
-            f"{who}: `criterion` must be 'descent', 'ratio', 'always' or a criterion object "
-            f"(DescentGate, RatioRule, Always, Budget), got {type(criterion).__name__}"
+            f"{who}: `criterion` must be 'descent', 'ratio', 'always', a criterion object "
+            f"(DescentGate, RatioRule, Always, Budget) or None, got {type(criterion).__name__}"
         )
     cls = _BY_NAME.get(criterion)
     if cls is None:
