@@ -1119,22 +1119,27 @@ def test_the_strength_driven_default_is_always_warmup_prox_freeze_by_hand():
     assert 0 < int((w == 0).sum()) < w.size  # the proximal steps made exact zeros, not all
 
 
+def _gate(model, opt):
+    """The descent-gated regulariser of the tests that save and resume gate states."""
+    return CoherentStrongReg(
+        model.named_parameters(), strength=0.05, optimizer=opt, warmup=0, criterion=DescentGate()
+    )
+
+
 def test_a_gate_state_resumes_only_into_the_gate():
     """A state saved with the descent gate (the default before ``Always()``) loads into
     ``criterion=DescentGate()``; into the default (``Always()``) it is a ``ValueError`` naming
     the criterion, also for a state saved before the criterion's name was recorded."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gate = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0,
-                             criterion=DescentGate())  # fmt: skip
+    gate = _gate(model, opt)
     for x, y in _batches(3):
         _manual_step(model, opt, gate, x, y)
     saved = gate.state_dict()
     assert saved["criterion"] == "descent" and saved["last_step"] is not None
     older = {k: v for k, v in saved.items() if k != "criterion"}  # before it was recorded
     for state in (saved, older):
-        again = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt,
-                                  warmup=0, criterion=DescentGate())  # fmt: skip
+        again = _gate(model, opt)
         again.load_state_dict(state)
         assert again.num_steps == 3
         default = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt,
@@ -1177,8 +1182,7 @@ def test_the_constructor_takes_fewer_arguments_than_before():
 def test_a_state_saved_before_the_next_batch_progress_loads():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    reg = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0,
-                            criterion=DescentGate())  # fmt: skip
+    reg = _gate(model, opt)
     for x, y in _batches(3):
         _manual_step(model, opt, reg, x, y)
     old = {
@@ -1186,8 +1190,7 @@ def test_a_state_saved_before_the_next_batch_progress_loads():
         for k, v in reg.state_dict().items()
         if k not in ("measured_step", "measured_cost", "measured_applied", "last_step", "criterion")
     }
-    fresh = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0,
-                            criterion=DescentGate())  # fmt: skip
+    fresh = _gate(model, opt)
     fresh.load_state_dict(old)
     state = fresh.state_dict()
     assert state["num_steps"] == 3 and state["measured_step"] is None
@@ -1245,8 +1248,7 @@ def test_next_batch_progress_skips_a_step_whose_trained_tensors_changed():
     change no longer matches this step's tensors, so that measurement is skipped."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    reg = CoherentStrongReg(model.named_parameters(), strength=0.05, optimizer=opt, warmup=0,
-                            criterion=DescentGate())  # fmt: skip
+    reg = _gate(model, opt)
     batches = _batches(4)
     _manual_step(model, opt, reg, *batches[0])
     model[0].weight.requires_grad_(False)
